@@ -1,0 +1,1 @@
+"""Building and inspecting WebDataset shards in the format of `dist_signmaml.data.format`."""
