@@ -42,8 +42,17 @@ class TrainConfig:
     outer_lr: float = _field(1e-3, "Adam learning rate alpha of the meta-update (paper: 0.001)")
     meta_batch: int = _field(4, "tasks per meta-step over all ranks (paper: P = 4)")
     steps: int = _field(300, "meta-steps to train")
-    backbone: str = _field("conv4", "backbone: conv4")
-    hidden: int = _field(0, "conv4 width; 0 = 64 below 64 px, 32 from 64 px (paper)")
+    backbone: str = _field("conv4", "backbone: conv4 | resnet12 | resnet18 | resnet34 (README: Backbones and precision)")
+    hidden: int = _field(0, "width: conv4 filters (0 = 64 below 64 px, 32 from 64 px, paper); resnet12 base width "
+                            "(0 = 64, i.e. 64-160-320-640); must be 0 for resnet18/34")
+    stem: str = _field("auto", "resnet18/34 stem: small (3x3 conv, no max-pool) | imagenet (7x7/2 + max-pool) | auto (small below 64 px)")
+    weights: str = _field("", "local state dict (.pth/.pt/.safetensors) to start from, e.g. torchvision ResNet weights; never downloaded")
+    adapt: str = _field("all", "parameters the inner loop adapts: all | head (ANIL-style) | last:K (last K blocks + head)")
+    precision: str = _field("fp32", "fp32 | bf16 (torch.autocast in the backbone's forward, CPU and CUDA; weights stay fp32)")
+    channels_last: bool = _field(False, "store convolution weights channels-last (NHWC)")
+    compile: bool = _field(False, "torch.compile the per-task inner loop + query loss (first steps are slow: compilation)")
+    compile_backend: str = _field("inductor", "torch.compile backend for --compile")
+    activation_checkpointing: bool = _field(False, "recompute block activations in backward (query forwards in the task loop)")
     data: str = _field(str(DEFAULT_DATA), "shard root with train/ val/ test/ (default: the bundled Omniglot, built on first use)")
     out: str = _field("runs/latest", "run directory: TensorBoard events, checkpoints, model.safetensors, config.json")
     seed: int = _field(0, "seed for the initialisation and the episode stream")
@@ -54,7 +63,13 @@ class TrainConfig:
     task_parallel: str = _field("auto", f"run a rank's tasks with {' | '.join(TASK_PARALLEL_MODES)} (auto: loop on CPU, vmap on GPU)")
     workers: int = _field(0, "DataLoader worker processes per rank for the episode stream")
     window_shards: int = _field(8, "shards each stream keeps in memory")
-    eval_episodes: int = _field(200, "fixed validation episodes scored at the end of training (0 = skip)")
+    class_sampling: str = _field("balanced", "episode classes: balanced (each class equally likely) | proportional (to its image count)")
+    on_bad_sample: str = _field("error", "unreadable shard sample: error (stop, naming shard and member) | skip (warn, count in TensorBoard data/bad_samples_skipped)")
+    eval_episodes: int = _field(100, "fixed val-split episodes per validation; the best weights by val accuracy are kept (0 = no validation)")
+    eval_every: int = _field(100, "meta-steps between validations (one also runs at the last step; 0 = only then)")
+    test_episodes: int = _field(200, "fixed test-split episodes scored at the end with the best weights (0 = skip; paper: 1000)")
+    zero_stage: int = _field(0, "0 = DDP; 1 or 2 = DeepSpeed ZeRO stage (launch with `accelerate launch --use_deepspeed`)")
+    dist_timeout: float = _field(300.0, "seconds a collective waits for a dead or hung rank before the run fails")
 
     def __post_init__(self):
         if self.inner_lr == 0.0 and self.algo in DEFAULT_INNER_LR:
@@ -89,9 +104,36 @@ class TrainConfig:
         need(self.algo in ALGORITHMS, "algo", f"one of {', '.join(ALGORITHMS)}")
         need(self.backbone in BACKBONES, "backbone", f"one of {', '.join(sorted(BACKBONES))}")
         need(self.task_parallel in TASK_PARALLEL_MODES, "task_parallel", f"one of {', '.join(TASK_PARALLEL_MODES)}")
-        for flag in ("hidden", "workers", "eval_episodes", "seed"):
+        for flag in ("hidden", "workers", "eval_episodes", "eval_every", "test_episodes", "seed"):
             need(isinstance(getattr(self, flag), int) and getattr(self, flag) >= 0, flag, "an integer >= 0")
         need(isinstance(self.resume, bool), "resume", "True or False")
+        need(self.class_sampling in ("balanced", "proportional"), "class_sampling", "balanced or proportional")
+        need(self.on_bad_sample in ("error", "skip"), "on_bad_sample", "error or skip")
+        need(self.zero_stage in (0, 1, 2), "zero_stage", "0 (DDP), 1 or 2; ZeRO-3 partitions the parameters, which "
+             "the functional inner loop needs whole")
+        need(isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0, "dist_timeout", "a positive number of seconds")
+        self._validate_backbone_options(need)
+
+    def _validate_backbone_options(self, need) -> None:
+        from dist_signmaml.models import check_adapt_spec
+        from dist_signmaml.models.blocks import PRECISIONS
+        from dist_signmaml.models.registry import FIXED_WIDTH
+        from dist_signmaml.models.torchvision_resnet import STEMS
+
+        need(not (self.hidden and self.backbone in FIXED_WIDTH), "hidden", f"0 with --backbone {self.backbone} "
+             "(torchvision's widths are fixed)")
+        need(self.stem in STEMS, "stem", f"one of {', '.join(STEMS)}")
+        need(isinstance(self.weights, str), "weights", "'' or the path of a local file")  # read (and checked) by train
+        try:
+            check_adapt_spec(self.adapt)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
+        for flag in ("channels_last", "compile", "activation_checkpointing"):
+            need(isinstance(getattr(self, flag), bool), flag, "True or False")
+        need(isinstance(self.compile_backend, str) and self.compile_backend, "compile_backend", "a torch.compile backend name")
+        need(not (self.activation_checkpointing and self.task_parallel == "vmap"), "task_parallel",
+             "loop or auto with --activation_checkpointing (checkpointing needs plain autograd, which vmap is not)")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)

@@ -3,14 +3,18 @@ reduction, trackers, checkpoints and export. Everything below it is single-devic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
 from safetensors.torch import save_file
 
 CHECKPOINT_DIR = "checkpoints"
@@ -21,17 +25,90 @@ class DistributedSetupError(RuntimeError):
     pass
 
 
+class PeerLostError(RuntimeError):
+    """A collective failed because another rank died or hung; the message names the rank(s) when they are known."""
+
+
+ZERO3_REFUSAL = (
+    "DeepSpeed ZeRO stage 3 is not supported: it partitions every parameter across ranks and gathers a layer's "
+    "weights only inside DeepSpeed's module hooks, but the inner loop calls the backbone functionally "
+    "(torch.func.functional_call) on the whole parameter set of each task, so it would adapt empty parameter shards. "
+    "Use --zero_stage 1 or 2 (optimizer states / gradients partitioned, parameters kept whole) or plain DDP (0)")
+
+
+def resolve_zero_stage(requested: int) -> int:
+    """The DeepSpeed ZeRO stage to run: --zero_stage, or the stage of an `accelerate launch --use_deepspeed` /
+    DeepSpeed config-file launch (ACCELERATE_* variables); 0 = plain DDP. Refuses stage 3 and contradictions."""
+    launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launched_stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")) if launched_with_deepspeed else 0
+    if requested and launched_with_deepspeed and launched_stage != requested:
+        raise DistributedSetupError(f"--zero_stage={requested} contradicts the launcher's DeepSpeed ZeRO stage "
+                                    f"{launched_stage} (ACCELERATE_DEEPSPEED_ZERO_STAGE); give one of them")
+    stage = requested or launched_stage
+    if stage == 3:
+        raise DistributedSetupError(ZERO3_REFUSAL)
+    if stage not in (0, 1, 2):
+        raise DistributedSetupError(f"--zero_stage={stage} is invalid: expected 0 (DDP), 1 or 2")
+    return stage
+
+
+def process_group_kwargs(timeout_s: float, deepspeed_on_cpu: bool) -> InitProcessGroupKwargs:
+    """Process-group settings: the collective timeout that bounds how long ranks wait for a dead or hung peer.
+
+    Accelerate forwards only fields that differ from its own defaults (nccl, 600 s), so exactly 600 s would
+    silently become the backend's default (30 min for gloo): it is nudged by 1 ms. DeepSpeed on a CPU-only
+    machine needs gloo named explicitly, or every process forms its own group of one (see ENVIRONMENT notes).
+    """
+    timeout = timedelta(seconds=timeout_s)
+    if timeout == timedelta(seconds=600):
+        timeout += timedelta(milliseconds=1)
+    kwargs = InitProcessGroupKwargs(timeout=timeout)
+    if deepspeed_on_cpu:
+        kwargs.backend = "gloo"
+    return kwargs
+
+
 class Engine:
-    def __init__(self, out_dir: str | Path, seed: int, log_with: str | None = "tensorboard"):
+    def __init__(self, out_dir: str | Path, seed: int, log_with: str | None = "tensorboard", *,
+                 zero_stage: int = 0, timeout_s: float = 300.0):
         self.out_dir = Path(out_dir)
+        self.zero_stage = resolve_zero_stage(zero_stage)
+        self.timeout_s = float(timeout_s)
+        deepspeed = None
+        if self.zero_stage:
+            self._check_deepspeed_launch()
+            deepspeed = DeepSpeedPlugin(zero_stage=self.zero_stage, gradient_accumulation_steps=1)
+            # No clipping, as under DDP: DeepSpeed 0.19 clips at global norm 1.0 unless told otherwise, which made
+            # ZeRO steps 4x shorter than DDP's in tests/test_deepspeed.py. Batch sizes are filled in prepare().
+            deepspeed.deepspeed_config["gradient_clipping"] = 0.0
+            # The optimizer is a plain torch one (Adam, or SGD in tests); ZeRO 1/2 apply it to flat fp32 partitions.
+            deepspeed.deepspeed_config["zero_allow_untested_optimizer"] = True
         # broadcast_buffers=False: the backbones keep no BatchNorm buffers, and torch.func calls must not see DDP
         # rewriting module state inside forward.
-        self.accelerator = Accelerator(log_with=log_with, project_dir=str(self.out_dir),
-                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        handlers = [DistributedDataParallelKwargs(broadcast_buffers=False),
+                    process_group_kwargs(self.timeout_s, deepspeed_on_cpu=bool(deepspeed) and not torch.cuda.is_available())]
+        self.accelerator = Accelerator(log_with=log_with, project_dir=str(self.out_dir), kwargs_handlers=handlers,
+                                       deepspeed_plugin=deepspeed)
         self._check_world()
+        if self.zero_stage and self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            raise DistributedSetupError(self._deepspeed_misuse(self.accelerator.distributed_type.value))
+        # A CPU-side (gloo) group for the per-step stop vote and for naming lost peers; it never touches the GPU.
+        self._control = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s)) \
+            if self.world_size > 1 else None
         set_seed(seed)
 
     # ---- processes -------------------------------------------------------------------------------------------
+    def _deepspeed_misuse(self, what_happened: str) -> str:
+        return (f"--zero_stage={self.zero_stage} asked for DeepSpeed but Accelerate set up {what_happened}; launch with "
+                f"`accelerate launch --use_deepspeed` (also for one process) and do not set ACCELERATE_USE_CPU=1 "
+                f"(with it Accelerate silently runs plain DDP)")
+
+    def _check_deepspeed_launch(self):
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+            raise DistributedSetupError(self._deepspeed_misuse("a CPU run (ACCELERATE_USE_CPU is set)"))
+        if "LOCAL_RANK" not in os.environ:
+            raise DistributedSetupError(self._deepspeed_misuse("no distributed run (no launcher)"))
+
     def _check_world(self):
         """Fail loudly when a launcher started several processes that each think they are alone (e.g. `accelerate
         launch --multi_gpu` on a CPU machine without ACCELERATE_USE_CPU=1): they would train without syncing."""
@@ -75,12 +152,78 @@ class Engine:
         self.accelerator.wait_for_everyone()
 
     # ---- the meta-step ------------------------------------------------------------------------------------------
-    def prepare(self, learner: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    def prepare(self, learner: torch.nn.Module, optimizer: torch.optim.Optimizer, tasks_per_rank: int = 1):
+        if self.zero_stage:
+            # No DataLoader reaches prepare() (the episode stream splits ranks itself), so DeepSpeed's batch size,
+            # which it only uses for bookkeeping here, is given in tasks: train_batch_size follows as P.
+            self.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tasks_per_rank
         return self.accelerator.prepare(learner, optimizer)
 
     def backward(self, loss: torch.Tensor):
-        """One backward of the meta-loss; under DDP this is where the meta-gradient is all-reduced (averaged)."""
+        """One backward of the meta-loss; under DDP this is where the meta-gradient is all-reduced (averaged).
+        Under DeepSpeed it also runs the optimizer step (the prepared optimizer's step() is then a no-op)."""
         self.accelerator.backward(loss)
+
+    def meta_step(self, learner, optimizer, episodes, phase=None, **forward_options):
+        """One meta-update on this rank's share of the meta-batch: the meta-loss through the *prepared* module's
+        forward (so DDP/DeepSpeed see it), one backward that averages the meta-gradient over ranks, one step.
+        `phase(name)`, if given, is a context manager timing each part (monitor.PhaseTimer.phase)."""
+        phase = phase or (lambda name: contextlib.nullcontext())
+        with self.naming_lost_peers("the meta-gradient all-reduce"):
+            with phase("inner_loop"):
+                output = learner(*episodes.to(self.device), **forward_options)
+            with phase("outer_backward"):
+                self.backward(output.loss)
+            with phase("optimizer_step"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return output
+
+    # ---- faults -----------------------------------------------------------------------------------------------
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is True on any rank (e.g. a stop signal reached only some processes)."""
+        if self._control is None:
+            return bool(flag)
+        vote = torch.tensor([int(bool(flag))])
+        with self.naming_lost_peers("the stop vote"):
+            dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._control)
+        return bool(vote.item())
+
+    @contextlib.contextmanager
+    def naming_lost_peers(self, what: str):
+        """Turn a collective that failed because a peer died or hung (connection closed, or the process-group
+        timeout) into a PeerLostError that names the lost rank(s), found by pinging over the control group."""
+        started = time.monotonic()
+        try:
+            yield
+        except RuntimeError as error:
+            if self._control is None or not _is_communication_error(error):
+                raise  # a bug in the step itself, not a lost peer: keep its own traceback
+            lost = self._ping_peers()
+            if not lost:
+                raise
+            first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            raise PeerLostError(f"rank {self.rank}: {what} failed after {time.monotonic() - started:.1f} s because "
+                                f"{lost}. Original error: {first_line}") from error
+
+    def _ping_peers(self) -> str:
+        """Rank 0 waits for a token from every other rank, each other rank sends one to rank 0; a closed connection
+        or no answer within a bounded time marks the peer as lost. Returns a description, '' if all answered."""
+        wait = timedelta(seconds=min(self.timeout_s, 30.0))
+        token = torch.zeros(1)
+        if self.rank != 0:
+            try:
+                self._control.send([token], 0, 0).wait(wait)
+                return "another rank was lost (rank 0's error names it)"
+            except RuntimeError as error:
+                return f"rank 0 {_reason(error)}"
+        lost = []
+        for peer in range(1, self.world_size):
+            try:
+                self._control.recv([token], peer, 0).wait(wait)
+            except RuntimeError as error:
+                lost.append(f"rank {peer} {_reason(error)}")
+        return "; ".join(lost) and "lost " + "; ".join(lost)
 
     def mean_over_ranks(self, values: dict[str, torch.Tensor | float]) -> dict[str, float]:
         keys = sorted(values)
@@ -135,6 +278,22 @@ class Engine:
             weights = {k.removeprefix("model."): v.detach().cpu().contiguous() for k, v in state.items()}
             save_file(weights, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
         self.wait()
+
+
+def _is_communication_error(error: RuntimeError) -> bool:
+    """Errors raised by a collective (torch.distributed's own types, or gloo's transport errors)."""
+    if isinstance(error, PeerLostError):
+        return False  # already diagnosed (nested contexts)
+    return isinstance(error, dist.DistError) or "gloo" in str(error).lower()
+
+
+def _reason(error: RuntimeError) -> str:
+    text = str(error).lower()
+    if "closed" in text or "reset" in text or "refused" in text or "broken pipe" in text:
+        return "is gone (its connection closed: the process died)"
+    if "timed out" in text or "timeout" in text:
+        return "did not answer in time (hung, or blocked in the failed collective)"
+    return f"failed ({str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__})"
 
 
 def completed_checkpoints(out_dir: str | Path) -> list[Path]:

@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import inspect
 import sys
-import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import fire
 import torch
-from tqdm import tqdm
 
 from dist_signmaml.algorithms import MetaLearner, make_rule
 from dist_signmaml.algorithms.learner import resolve_task_parallel
 from dist_signmaml.config import DEFAULT_DATA, ConfigError, TrainConfig
 from dist_signmaml.data import EpisodeShape, EpisodeStream, read_index, train_loader
-from dist_signmaml.engine import Engine, completed_checkpoints
-from dist_signmaml.evaluate import meta_test
-from dist_signmaml.models import build_backbone
+from dist_signmaml.data.format import ShardFormatError
+from dist_signmaml.data.episodes import usable_classes
+from dist_signmaml.engine import DistributedSetupError, Engine, completed_checkpoints
+from dist_signmaml.models import adapted_parameter_names, build_backbone, load_weights
+from dist_signmaml.monitor import (TrainMonitor, Validator, final_test, log_config_text, log_final_hparams,
+                                   summarize_run)
+from dist_signmaml.preemption import GracefulStop, clear_preempted_marker
 
 
 def ensure_data(config: TrainConfig, engine: Engine) -> Path:
@@ -35,89 +37,136 @@ def ensure_data(config: TrainConfig, engine: Engine) -> Path:
 
                 engine.print0(f"building the bundled Omniglot shards in {root} (once)")
                 omniglot.build(root, progress=True)
-    for split in ("train",) + (("val",) if config.eval_episodes else ()):
+    shape = EpisodeShape(config.ways, config.shots, config.queries)
+    for split in ("train",) + (("val",) if config.eval_episodes else ()) + (("test",) if config.test_episodes else ()):
         try:
-            read_index(root / split)
+            index = read_index(root / split)
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"--data={config.data!r}: {error}") from None
+        try:
+            usable_classes(index, shape, root / split)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     return root
 
 
+def build_learner(config: TrainConfig, image_shape, device) -> MetaLearner:
+    """The MetaLearner of `config` for images of `image_shape` (H, W, C). `evaluate` rebuilds trained weights
+    with this same function, so a meta-test runs exactly the trained model and inner loop."""
+    height, width, channels = image_shape
+    try:
+        model = build_backbone(config.backbone, in_channels=channels, ways=config.ways, hidden=config.hidden,
+                               image_size=height, stem=config.stem, precision=config.precision,
+                               channels_last=config.channels_last,
+                               activation_checkpointing=config.activation_checkpointing)
+        adapted_names = adapted_parameter_names(model, config.adapt)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    # Checkpointing works only outside torch.func transforms, i.e. in the task loop: 'auto' picks it then.
+    task_parallel = resolve_task_parallel("loop" if config.activation_checkpointing and config.task_parallel == "auto"
+                                          else config.task_parallel, device)
+    learner = MetaLearner(model, make_rule(config.algo, config.inner_momentum), config.inner_lr, config.inner_steps,
+                          task_parallel, adapted_names=adapted_names)
+    return learner.compile_tasks(config.compile_backend) if config.compile else learner
+
+
 def train(config: TrainConfig) -> dict:
-    engine = Engine(config.out, config.seed)
+    engine = Engine(config.out, config.seed, zero_stage=config.zero_stage, timeout_s=config.dist_timeout)
     data_root = ensure_data(config, engine)
     shape = EpisodeShape(config.ways, config.shots, config.queries)
     make_stream = lambda start: EpisodeStream(  # noqa: E731 - one stream per (re)start position
         data_root / "train", shape, engine.tasks_per_rank(config.meta_batch), seed=config.seed, rank=engine.rank,
-        world_size=engine.world_size, num_workers=config.workers, start_batch=start, window_shards=config.window_shards)
+        world_size=engine.world_size, num_workers=config.workers, start_batch=start, window_shards=config.window_shards,
+        class_sampling=config.class_sampling, on_bad_sample=config.on_bad_sample)
     try:
         stream = make_stream(0)  # validates ways / shots+queries against the split before any step
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    height, width, channels = stream.index.image_shape
-
-    model = build_backbone(config.backbone, in_channels=channels, ways=config.ways, hidden=config.hidden, image_size=height)
-    task_parallel = resolve_task_parallel(config.task_parallel, engine.device)
-    learner = MetaLearner(model, make_rule(config.algo, config.inner_momentum), config.inner_lr, config.inner_steps,
-                          task_parallel)
+    learner = build_learner(config, stream.index.image_shape, engine.device)
+    if config.weights:  # before prepare, so every rank starts from the file (DDP also broadcasts rank 0's weights)
+        try:
+            fresh = load_weights(learner.model, config.weights)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        engine.print0(f"initialised from {config.weights}" + (f"; new: {', '.join(fresh)}" if fresh else ""))
+    task_parallel = learner.task_parallel
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.outer_lr)
-    learner, optimizer = engine.prepare(learner, optimizer)
+    learner, optimizer = engine.prepare(learner, optimizer, engine.tasks_per_rank(config.meta_batch))
 
     start = 0
     if config.resume and completed_checkpoints(config.out):
         state = engine.load_checkpoint(completed_checkpoints(config.out)[-1])
         start = state["step"]
         engine.print0(f"resumed from step {start}")
+        if engine.is_main:
+            clear_preempted_marker(config.out)
     engine.start_tracking(asdict(config) | {"task_parallel_resolved": task_parallel, "world_size": engine.world_size})
     Path(config.out).mkdir(parents=True, exist_ok=True)
     if engine.is_main:
         (Path(config.out) / "config.json").write_text(config.to_json())
+    log_config_text(engine, config.to_json())
     engine.print0(f"{learner.module.rule.description if hasattr(learner, 'module') else learner.rule.description}; "
                   f"{engine.world_size} process(es) on {engine.device}, tasks run with '{task_parallel}'")
 
-    loader = train_loader(make_stream(start) if start else stream, config.workers)
-    progress = tqdm(total=config.steps, initial=start, disable=not engine.is_main, desc="meta-train", unit="step")
-    window: list[dict] = []
-    for step, episodes in zip(range(start + 1, config.steps + 1), loader):
-        started = time.perf_counter()
-        output = learner(*episodes.to(engine.device))
-        engine.backward(output.loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append({"loss": output.loss.detach(), "accuracy_before": output.accuracy_before,
-                       "accuracy_after": output.accuracy_after, "step_seconds": time.perf_counter() - started})
-        if step % config.log_every == 0 or step == config.steps:
-            means = engine.mean_over_ranks({k: torch.stack([torch.as_tensor(w[k]) for w in window]).mean()
-                                            for k in window[0]})
-            engine.log({f"train/{k}": v for k, v in means.items()}
-                       | {"train/tasks_per_second": config.meta_batch / means["step_seconds"]}, step=step)
-            progress.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy_after']:.3f}")
-            window = []
-        progress.update(1)
-        if step % config.ckpt_every == 0 and step != config.steps:
-            engine.save_checkpoint(step, {"episode_batches_consumed": step}, config.keep_checkpoints)
-    progress.close()
+    # Components decide their own cadence: the monitor logs every log_every steps (and asks the learner for inner-loop
+    # diagnostics then), the validator validates every eval_every steps and keeps the best weights.
+    monitor = TrainMonitor(engine, log_every=config.log_every, last_step=config.steps, first_step=start,
+                           meta_batch=config.meta_batch, inner_lr=config.inner_lr, optimizer=optimizer)
+    export_metadata = {"config": asdict(config), "image_shape": list(stream.index.image_shape)}
+    validator = Validator(engine, data_root / "val", shape, episodes=config.eval_episodes, every=config.eval_every,
+                          last_step=config.steps, inner_steps=config.test_inner_steps,
+                          tasks_per_batch=engine.tasks_per_rank(config.meta_batch), out_dir=config.out,
+                          export_metadata=export_metadata)
+    if start:
+        validator.load_state_dict(state.get("validator"))
+    train_stream = make_stream(start) if start else stream
+    if start and train_stream.resume_differences(state.get("episode_stream", {})):  # e.g. relaunched on more ranks
+        engine.print0("warning: the episode stream differs from the checkpoint's, so the resumed run sees other "
+                      "episodes than an uninterrupted one: " + "; ".join(train_stream.resume_differences(state["episode_stream"])))
+    checkpoint_state = lambda step: {"episode_batches_consumed": step, "validator": validator.state_dict(),  # noqa: E731
+                                     "episode_stream": train_stream.state_dict(next_batch=step)}
 
-    engine.save_checkpoint(config.steps, {"episode_batches_consumed": config.steps}, config.keep_checkpoints)
-    engine.export(learner, Path(config.out) / "model.safetensors", {"config": asdict(config)})
-    results = {"steps": config.steps}
-    if config.eval_episodes:
-        results["val"] = meta_test(learner, engine, data_root / "val", shape, episodes=config.eval_episodes,
-                                   inner_steps=config.test_inner_steps, seed=config.seed + 1,
-                                   tasks_per_batch=engine.tasks_per_rank(config.meta_batch))
-        engine.log({"val/accuracy": results["val"]["accuracy"], "val/ci95": results["val"]["ci95"]}, step=config.steps)
-        engine.print0(f"val {config.ways}-way {config.shots}-shot, {config.test_inner_steps} inner steps: "
-                      f"{100 * results['val']['accuracy']:.2f} ± {100 * results['val']['ci95']:.2f}% "
-                      f"over {results['val']['episodes']} episodes")
+    batches = iter(train_loader(train_stream, config.workers))
+    stop = GracefulStop(engine.any_rank)  # SIGTERM/SIGUSR1 -> checkpoint at the next step boundary, then exit
+    for step in range(start + 1, config.steps + 1):
+        with monitor.phase("data_wait"):
+            episodes = next(batches)
+        output = engine.meta_step(learner, optimizer, episodes, phase=monitor.phase,
+                                  diagnostics=monitor.should_log(step))
+        monitor.record(step, episodes, output)
+        if config.on_bad_sample == "skip" and monitor.should_log(step):  # summed over ranks (each counts its shards)
+            skipped = engine.mean_over_ranks({"n": train_stream.bad_samples_skipped})["n"] * engine.world_size
+            engine.log({"data/bad_samples_skipped": round(skipped)}, step=step)
+        if validator.should_validate(step):
+            validator.validate(learner, step)
+        if stop.requested() and step != config.steps:  # voted across ranks, so all save the same step
+            engine.save_checkpoint(step, checkpoint_state(step) | {"stopped_by": stop.reason}, config.keep_checkpoints)
+            engine.end()
+            stop.exit(config.out, step, engine.is_main)
+        if step % config.ckpt_every == 0 and step != config.steps:
+            engine.save_checkpoint(step, checkpoint_state(step), config.keep_checkpoints)
+    monitor.close()
+    stop.close()
+
+    engine.save_checkpoint(config.steps, checkpoint_state(config.steps), config.keep_checkpoints)
+    engine.export(learner, Path(config.out) / "model.safetensors", export_metadata | {"step": config.steps})
+    results = {"val": validator.history[-1] if validator.history else None, "best_val": validator.best,
+               "val_history": validator.history}
+    if config.test_episodes:  # with the best-by-validation weights
+        results["test"] = final_test(learner, engine, validator, data_root / "test", shape,
+                                     episodes=config.test_episodes, inner_steps=config.test_inner_steps,
+                                     tasks_per_batch=engine.tasks_per_rank(config.meta_batch), step=config.steps)
+    summary = summarize_run(config.out, asdict(config), results, monitor, engine.world_size)
+    log_final_hparams(engine, asdict(config) | {"world_size": engine.world_size}, summary)
     engine.end()
-    return results
+    return summary
 
 
 def main(**options) -> None:
     try:
         config = TrainConfig.from_options(**options)
         train(config)
-    except ConfigError as error:
+    except (ConfigError, DistributedSetupError, ShardFormatError) as error:  # bad input: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

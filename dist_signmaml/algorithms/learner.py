@@ -11,6 +11,7 @@ from torch.func import vmap
 
 from dist_signmaml.algorithms.inner import task_outcome, unadapted_accuracy
 from dist_signmaml.algorithms.rules import InnerRule
+from dist_signmaml.models.norm import fused_batchnorm_kernel
 
 TASK_PARALLEL_MODES = ("auto", "vmap", "loop")
 
@@ -28,12 +29,24 @@ def resolve_task_parallel(mode: str, device: torch.device) -> str:
     return "loop" if torch.device(device).type == "cpu" else "vmap"
 
 
+def all_tasks(outcome, params, *task_batch):
+    """`outcome(params, *one_task)` for every task at once: vmap over the leading (task) dim, params shared."""
+    return vmap(outcome, in_dims=(None,) + (0,) * len(task_batch))(params, *task_batch)
+
+
+def one_task(outcome, params, *task):
+    """`outcome` for one task; a separate function so that --compile can wrap it (see MetaLearner.compile_tasks)."""
+    return outcome(params, *task)
+
+
 @dataclass
 class MetaOutput:
     loss: torch.Tensor  # mean query loss after adaptation over this rank's tasks (the meta-objective, eq. 1)
     accuracy_before: torch.Tensor  # query accuracy at the initialisation, mean over tasks (detached)
     accuracy_after: torch.Tensor  # query accuracy after the inner loop, mean over tasks (detached)
     task_accuracies: torch.Tensor  # per-task query accuracy after adaptation, [tasks] (detached)
+    # inner-loop health signals (inner.inner_diagnostics), mean over tasks; None unless forward(diagnostics=True)
+    diagnostics: dict[str, torch.Tensor] | None = None
 
 
 class MetaLearner(nn.Module):
@@ -44,35 +57,60 @@ class MetaLearner(nn.Module):
     """
 
     def __init__(self, model: nn.Module, rule: InnerRule, inner_lr: float, inner_steps: int,
-                 task_parallel: str = "loop"):
+                 task_parallel: str = "loop", adapted_names: frozenset[str] | None = None):
         super().__init__()
         self.model = model
         self.rule = rule
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
         self.task_parallel = task_parallel
+        self.adapted_names = adapted_names  # parameters the inner loop adapts (--adapt); None = all
+        self._all_tasks, self._one_task = all_tasks, one_task  # compiled versions after compile_tasks()
 
-    def forward(self, support_x, support_y, query_x, query_y, inner_steps: int | None = None) -> MetaOutput:
+    def compile_tasks(self, backend: str = "inductor") -> "MetaLearner":
+        """torch.compile the per-task work: the inner loop, the query loss and their backward (--compile).
+
+        The compiled region is the function that runs the tasks (vmap over them, or one task of the loop), so the
+        support gradient (torch.func.grad) and vmap are traced whole; compiling inside those transforms is not
+        supported, and compiling `forward` itself would trace the loop's BatchNorm-kernel switch, which dynamo
+        cannot (ContextVar.set). Parameters and images stay graph inputs, so adapted weights never recompile.
+        """
+        self._all_tasks = torch.compile(all_tasks, backend=backend)
+        self._one_task = torch.compile(one_task, backend=backend)
+        return self
+
+    def forward(self, support_x, support_y, query_x, query_y, inner_steps: int | None = None,
+                diagnostics: bool = False) -> MetaOutput:
         """Adapt to each task of the batch ([tasks, n, C, H, W] images, [tasks, n] labels) and score its query set.
 
         When gradients are enabled the returned loss backpropagates the exact meta-gradient of `self.rule`
         into the backbone's parameters; under torch.no_grad the same inner loop runs for evaluation.
+        `diagnostics=True` also fills MetaOutput.diagnostics (extra gradients per task, so only when logging).
         """
         steps = self.inner_steps if inner_steps is None else int(inner_steps)
         params = dict(self.model.named_parameters())
         differentiate_through = torch.is_grad_enabled()
         outcome = partial(task_outcome, self.model, rule=self.rule, steps=steps, lr=self.inner_lr,
-                          differentiate_through=differentiate_through)
+                          differentiate_through=differentiate_through, adapted_names=self.adapted_names,
+                          diagnostics=diagnostics)
         before = partial(unadapted_accuracy, self.model)
         if self.task_parallel == "vmap":
-            losses, accuracies = vmap(outcome, in_dims=(None, 0, 0, 0, 0))(params, support_x, support_y, query_x, query_y)
+            outputs = self._all_tasks(outcome, params, support_x, support_y, query_x, query_y)
+            losses, accuracies = outputs[:2]
+            per_task_diagnostics = outputs[2] if diagnostics else None
             with torch.no_grad():
                 accuracies_before = vmap(before, in_dims=(None, 0, 0))(params, query_x, query_y)
         else:
-            results = [outcome(params, support_x[t], support_y[t], query_x[t], query_y[t]) for t in range(len(support_x))]
-            losses = torch.stack([loss for loss, _ in results])
-            accuracies = torch.stack([accuracy for _, accuracy in results])
-            with torch.no_grad():
-                accuracies_before = torch.stack([before(params, query_x[t], query_y[t]) for t in range(len(query_x))])
+            with fused_batchnorm_kernel():  # exact outside vmap, and faster
+                results = [self._one_task(outcome, params, support_x[t], support_y[t], query_x[t], query_y[t])
+                           for t in range(len(support_x))]
+                with torch.no_grad():
+                    accuracies_before = torch.stack([before(params, query_x[t], query_y[t]) for t in range(len(query_x))])
+            losses = torch.stack([result[0] for result in results])
+            accuracies = torch.stack([result[1] for result in results])
+            per_task_diagnostics = ({k: torch.stack([result[2][k] for result in results]) for k in results[0][2]}
+                                    if diagnostics else None)
         return MetaOutput(loss=losses.mean(), accuracy_before=accuracies_before.mean().detach(),
-                          accuracy_after=accuracies.mean().detach(), task_accuracies=accuracies.detach())
+                          accuracy_after=accuracies.mean().detach(), task_accuracies=accuracies.detach(),
+                          diagnostics=({k: v.mean().detach() for k, v in per_task_diagnostics.items()}
+                                       if diagnostics else None))

@@ -1,6 +1,24 @@
-"""Data: the shard format and the streaming episode assembler. No accelerate here."""
+"""Data: the shard format and the streaming episode assembler. No accelerate here.
 
-from dist_signmaml.data.episodes import EpisodeShape, Episodes, EpisodeStream, fixed_episodes, train_loader
-from dist_signmaml.data.format import read_index
+Names are imported lazily so that `shards` builders (which only need `dist_signmaml.data.format`) do not pay for
+importing torch.
+"""
 
-__all__ = ["EpisodeShape", "Episodes", "EpisodeStream", "fixed_episodes", "read_index", "train_loader"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "EpisodeShape": "episodes", "Episodes": "episodes", "EpisodeStream": "episodes", "fixed_episodes": "episodes",
+    "stored_episodes": "episodes", "train_loader": "episodes", "CLASS_SAMPLING": "episodes",
+    "read_index": "format", "read_episode_index": "format", "index_kind": "format", "ShardFormatError": "format",
+    "BAD_SAMPLE_POLICIES": "format",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"dist_signmaml.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'dist_signmaml.data' has no attribute {name!r}")

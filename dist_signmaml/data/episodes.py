@@ -5,22 +5,26 @@ seeded sequence of them (a fresh permutation every cycle). At any moment it hold
 `window_shards` shards in memory, and meta-batch `b` is drawn from the window with an RNG seeded by
 (seed, rank, b). Which shards are in the window is itself a function of `b`, so the whole stream is a pure
 function of (seed, rank, world size, workers, b): resuming at batch `b` only re-reads the window's shards, and
-sees exactly the episodes an uninterrupted run would have seen.
+sees exactly the episodes an uninterrupted run would have seen. Memory is bounded by the window, never by the
+dataset: at most `window_shards` shards are decoded at any time (each shard is at most ~`--shard_mb`, or one class).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_signmaml.data.format import SplitIndex, decode_sample, read_index
+from dist_signmaml.data.format import (KIND_EPISODES, BadSamples, ShardFormatError, SplitIndex, index_kind,
+                                       read_class_shard, read_episode_index, read_episode_shard, read_index)
+
+CLASS_SAMPLING = ("balanced", "proportional")
 
 
 class Episodes(NamedTuple):
@@ -46,22 +50,34 @@ class EpisodeShape:
         return self.shots + self.queries
 
 
-def load_shard_classes(path, image_shape) -> dict[str, np.ndarray]:
-    """All classes of one shard, read with webdataset and decoded without unpickling: name -> uint8 [n,H,W,C]."""
-    classes: dict[str, list[np.ndarray]] = {}
-    for sample in wds.tarfile_samples([{"url": str(path)}]):
-        chunk = decode_sample(sample, image_shape)
-        classes.setdefault(chunk.name, []).append(chunk.images)
-    return {name: np.concatenate(parts) if len(parts) > 1 else parts[0] for name, parts in classes.items()}
+def load_shard_classes(index: SplitIndex, shard: str, bad: BadSamples | None = None) -> dict[str, np.ndarray]:
+    """All classes of one shard of `index`, decoded without unpickling and checked against the index:
+    name -> uint8 [n,H,W,C]."""
+    return read_class_shard(index.root / shard, index.image_shape, bad, index.shard_contents[shard])
 
 
-def draw_episode(rng: np.random.Generator, pool: list[np.ndarray], shape: EpisodeShape):
-    """Pick `ways` classes from `pool` and `shots + queries` distinct images of each; labels are 0..ways-1 in the
-    order the classes were drawn (a random order, so a label carries no information across episodes)."""
-    chosen = rng.choice(len(pool), size=shape.ways, replace=False)
+def plan_episode(rng: np.random.Generator, class_sizes: Sequence[int], shape: EpisodeShape,
+                 class_sampling: str = "balanced") -> list[tuple[int, np.ndarray]]:
+    """Which classes (positions in `class_sizes`) and which of their images one episode uses, from the sizes alone.
+
+    "balanced": every class is equally likely, however many images it has (the few-shot convention);
+    "proportional": classes are drawn with probability proportional to their image count (what sampling images
+    uniformly would give on an imbalanced dataset). Labels are 0..ways-1 in the order the classes were drawn, a
+    random order, so a label carries no information across episodes.
+    """
+    if class_sampling == "balanced":
+        chosen = rng.choice(len(class_sizes), size=shape.ways, replace=False)
+    else:
+        sizes = np.asarray(class_sizes, dtype=np.float64)
+        chosen = rng.choice(len(class_sizes), size=shape.ways, replace=False, p=sizes / sizes.sum())
+    return [(int(c), rng.choice(class_sizes[c], size=shape.images_per_class, replace=False)) for c in chosen]
+
+
+def gather_episode(plan, pool: Sequence[np.ndarray], shape: EpisodeShape):
+    """Images and labels of a planned episode: support/query uint8 arrays, class-major, and their labels."""
     support, query = [], []
-    for images in (pool[c] for c in chosen):
-        picked = images[rng.choice(len(images), size=shape.images_per_class, replace=False)]
+    for c, picks in plan:
+        picked = pool[c][picks]
         support.append(picked[: shape.shots])
         query.append(picked[shape.shots:])
     labels = np.arange(shape.ways)
@@ -69,16 +85,23 @@ def draw_episode(rng: np.random.Generator, pool: list[np.ndarray], shape: Episod
             np.concatenate(query), np.repeat(labels, shape.queries))
 
 
+def draw_episode(rng: np.random.Generator, pool: list[np.ndarray], shape: EpisodeShape, class_sampling: str = "balanced"):
+    """Pick `ways` classes from `pool` and `shots + queries` distinct images of each (see plan_episode)."""
+    return gather_episode(plan_episode(rng, [len(images) for images in pool], shape, class_sampling), pool, shape)
+
+
 class Normalizer:
-    """uint8 [..., H, W, C] -> float [..., C, H, W], standardised with the split's channel mean/std."""
+    """uint8 [..., H, W, C] -> float [..., C, H, W], standardised with the split's channel mean/std:
+    (x / 255 - mean) / std, computed as one in-place multiply-add in channel-last order (the loader's hot spot)."""
 
     def __init__(self, mean, std):
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        std64 = np.asarray(std, dtype=np.float64)
+        self.scale = torch.tensor(1.0 / (255.0 * std64), dtype=torch.float32)
+        self.shift = torch.tensor(-np.asarray(mean, dtype=np.float64) / std64, dtype=torch.float32)
 
     def __call__(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(images).movedim(-1, -3).float().div_(255.0)
-        return (x - self.mean) / self.std
+        x = torch.from_numpy(images).to(torch.float32).mul_(self.scale).add_(self.shift)
+        return x.movedim(-1, -3).contiguous()
 
 
 def stack_tasks(tasks, normalize: Normalizer) -> Episodes:
@@ -100,21 +123,31 @@ def usable_classes(index: SplitIndex, shape: EpisodeShape, split_dir) -> set[str
     return usable
 
 
+def check_policy(class_sampling: str, on_bad_sample: str) -> None:
+    if class_sampling not in CLASS_SAMPLING:
+        raise ValueError(f"--class_sampling={class_sampling!r} is invalid: expected one of {', '.join(CLASS_SAMPLING)}")
+    BadSamples(on_bad_sample)  # validates the policy name
+
+
 class EpisodeStream(IterableDataset):
     """Endless meta-batches of `tasks_per_batch` episodes for one rank, starting at batch `start_batch`.
 
     With a DataLoader of `num_workers` workers, worker i produces batches start_batch + i, + num_workers, ...,
     which is the order the DataLoader hands them out in, so batch b is always the b-th batch of the rank.
+    `on_bad_sample="skip"` drops unreadable samples with a warning instead of failing; `bad_samples_skipped` counts
+    them over all of this rank's workers (a shared-memory counter, so the training loop can log it).
     """
 
     def __init__(self, split_dir, shape: EpisodeShape, tasks_per_batch: int, *, seed: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, start_batch: int = 0, window_shards: int = 8,
-                 batches_per_shard: int = 0):
+                 batches_per_shard: int = 0, class_sampling: str = "balanced", on_bad_sample: str = "error"):
+        check_policy(class_sampling, on_bad_sample)
         self.index = read_index(split_dir)
         self.shape, self.tasks_per_batch, self.seed = shape, int(tasks_per_batch), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.streams = max(1, int(num_workers))  # virtual workers: identical schedule with 0 or 1 worker
         self.start_batch, self.window_shards = int(start_batch), int(window_shards)
+        self.class_sampling, self.on_bad_sample = class_sampling, on_bad_sample
         self.normalize = Normalizer(self.index.mean, self.index.std)
         self.usable = usable_classes(self.index, shape, split_dir)
         slices = self.world_size * self.streams
@@ -136,7 +169,11 @@ class EpisodeStream(IterableDataset):
         # By default a shard stays in the window until about as many classes as it holds have been drawn.
         self.batches_per_shard = int(batches_per_shard) or max(1, math.ceil(mean_classes / (shape.ways * self.tasks_per_batch)))
         self._cache: dict[str, dict[str, np.ndarray]] = {}
+        self._bad: BadSamples | None = None  # created in the process that reads (a DataLoader worker or this one)
+        self._bad_counts = torch.zeros(self.streams, dtype=torch.int64).share_memory_()
+        self.shards_loaded = 0  # shard reads by this process (a window slide re-reads only the new shards)
 
+    # ---- the schedule: a pure function of (seed, rank, world size, workers, batch) ------------------------------
     def own_shards(self, stream: int) -> list[str]:
         """The shards of (this rank, virtual worker `stream`): disjoint across all ranks and workers."""
         slot = self.rank * self.streams + stream
@@ -158,20 +195,45 @@ class EpisodeStream(IterableDataset):
                 names.append(name)
         return names
 
-    def _pool(self, shard_names: list[str]) -> list[np.ndarray]:
+    def __getstate__(self):
+        # What a DataLoader worker receives: the schedule and the shared counter, not this process's loaded shards
+        # or its BadSamples (whose callback is a closure).
+        state = self.__dict__.copy()
+        state.update(_cache={}, _bad=None)
+        return state
+
+    # ---- reading ------------------------------------------------------------------------------------------------
+    def _bad_samples(self, stream: int) -> BadSamples:
+        if self._bad is None:
+            counts = self._bad_counts
+            self._bad = BadSamples(self.on_bad_sample, on_count=lambda n: counts.__setitem__(stream, n))
+        return self._bad
+
+    @property
+    def bad_samples_skipped(self) -> int:
+        """Distinct unreadable samples skipped so far by all loader workers of this rank (0 unless policy 'skip')."""
+        return int(self._bad_counts.sum())
+
+    def _pool(self, shard_names: list[str], stream: int) -> list[np.ndarray]:
         for stale in set(self._cache) - set(shard_names):
             del self._cache[stale]  # bounded memory: only the window's shards stay loaded
         pool = []
         for name in shard_names:
             if name not in self._cache:
-                self._cache[name] = load_shard_classes(self.index.root / name, self.index.image_shape)
-            pool.extend(images for cls, images in sorted(self._cache[name].items()) if cls in self.usable)
+                self._cache[name] = load_shard_classes(self.index, name, self._bad_samples(stream))
+                self.shards_loaded += 1
+            pool.extend(images for cls, images in sorted(self._cache[name].items())
+                        if cls in self.usable and len(images) >= self.shape.images_per_class)
+        if len(pool) < self.shape.ways:
+            raise ValueError(f"--ways={self.shape.ways}: after skipping bad samples, shards {shard_names} of "
+                             f"{self.index.root} hold only {len(pool)} usable classes")
         return pool
 
     def batch(self, b: int) -> Episodes:
-        pool = self._pool(self.window(b))
+        pool = self._pool(self.window(b), b % self.streams)
         rng = np.random.default_rng([self.seed, self.rank, b])
-        return stack_tasks([draw_episode(rng, pool, self.shape) for _ in range(self.tasks_per_batch)], self.normalize)
+        tasks = [draw_episode(rng, pool, self.shape, self.class_sampling) for _ in range(self.tasks_per_batch)]
+        return stack_tasks(tasks, self.normalize)
 
     def __iter__(self) -> Iterator[Episodes]:
         info = get_worker_info()
@@ -180,6 +242,24 @@ class EpisodeStream(IterableDataset):
         while True:
             yield self.batch(b)
             b += max(1, info.num_workers if info is not None else 1)
+
+    # ---- resumable state ----------------------------------------------------------------------------------------
+    def state_dict(self, next_batch: int) -> dict:
+        """Everything that decides the stream, plus the position. Saved in checkpoints: restarting a stream with
+        the same values at start_batch=next_batch yields exactly the batches an uninterrupted stream would have."""
+        shards = hashlib.sha256("".join(self.index.shard_sha256[s] for s in self.index.shards).encode()).hexdigest()
+        return {"next_batch": int(next_batch), "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "workers": self.streams, "ways": self.shape.ways, "shots": self.shape.shots,
+                "queries": self.shape.queries, "tasks_per_batch": self.tasks_per_batch,
+                "window_shards": self.window_shards, "batches_per_shard": self.batches_per_shard,
+                "class_sampling": self.class_sampling, "shards_sha256": shards}
+
+    def resume_differences(self, state: dict) -> list[str]:
+        """Settings in a saved stream state that differ from this stream's: if any, a resumed run will not see the
+        episodes the interrupted run would have seen (e.g. a relaunch with another number of ranks or workers)."""
+        mine = self.state_dict(state.get("next_batch", 0))
+        mine.pop("rank")  # the main process saves its own state; every rank's stream is derived from the same settings
+        return [f"{k}: saved {state[k]!r}, now {mine[k]!r}" for k in sorted(mine) if k in state and state[k] != mine[k]]
 
 
 def train_loader(stream: EpisodeStream, num_workers: int) -> DataLoader:
@@ -191,18 +271,67 @@ def train_loader(stream: EpisodeStream, num_workers: int) -> DataLoader:
                       prefetch_factor=4 if num_workers > 0 else None)
 
 
-def fixed_episodes(split_dir, shape: EpisodeShape, episode_ids, *, seed: int, tasks_per_batch: int) -> Iterator[Episodes]:
-    """Evaluation episodes: episode i is a function of (seed, i) alone, drawn from all usable classes of the split,
-    so every method, run and rank count scores the same tasks. Loads the whole split (evaluation splits are small;
-    materialised episode shards are the bounded-memory alternative)."""
+# ---- fixed evaluation episodes ---------------------------------------------------------------------------------
+def fixed_episodes(split_dir, shape: EpisodeShape, episode_ids, *, seed: int, tasks_per_batch: int,
+                   on_bad_sample: str = "error") -> Iterator[Episodes]:
+    """Evaluation episodes in batches of `tasks_per_batch`, in the order of `episode_ids`.
+
+    `split_dir` is either a directory of materialised episodes (`python -m shards episodes`; its episodes are used
+    as stored, `seed` is not needed) or a class split, from which episode i is drawn as a function of (seed, i)
+    alone — the same draw `shards episodes --seed` materialises, so both give identical tasks. Either way every
+    method, run and rank count scores the same tasks. The class-split fallback loads the whole split (evaluation
+    splits are small); materialised episodes are read one shard at a time.
+    """
+    if index_kind(split_dir) == KIND_EPISODES:
+        yield from stored_episodes(split_dir, shape, episode_ids, tasks_per_batch=tasks_per_batch,
+                                   on_bad_sample=on_bad_sample)
+        return
     index = read_index(split_dir)
     usable = usable_classes(index, shape, split_dir)
+    bad = BadSamples(on_bad_sample)
     pool = []
     for shard in index.shards:
-        pool.extend(images for cls, images in sorted(load_shard_classes(index.root / shard, index.image_shape).items())
-                    if cls in usable)
+        classes = load_shard_classes(index, shard, bad)
+        pool.extend(images for cls, images in sorted(classes.items())
+                    if cls in usable and len(images) >= shape.images_per_class)
+    if len(pool) < shape.ways:
+        raise ValueError(f"--ways={shape.ways}: {split_dir} holds only {len(pool)} readable usable classes")
     normalize = Normalizer(index.mean, index.std)
     episode_ids = list(episode_ids)
     for start in range(0, len(episode_ids), tasks_per_batch):
         ids = episode_ids[start: start + tasks_per_batch]
         yield stack_tasks([draw_episode(np.random.default_rng([seed, i]), pool, shape) for i in ids], normalize)
+
+
+def stored_episodes(episode_dir, shape: EpisodeShape, episode_ids, *, tasks_per_batch: int,
+                    on_bad_sample: str = "error") -> Iterator[Episodes]:
+    """Batches of materialised episodes `episode_ids`; only one shard is decoded at a time (ids in ascending order
+    read each shard once)."""
+    index = read_episode_index(episode_dir)
+    if (index.ways, index.shots, index.queries) != (shape.ways, shape.shots, shape.queries):
+        raise ValueError(f"{episode_dir} holds {index.ways}-way {index.shots}-shot {index.queries}-query episodes, "
+                         f"but {shape.ways}-way {shape.shots}-shot {shape.queries}-query were requested")
+    episode_ids = [int(i) for i in episode_ids]
+    if episode_ids and (min(episode_ids) < 0 or max(episode_ids) >= index.episodes):
+        raise ValueError(f"{episode_dir} holds {index.episodes} episodes (ids 0..{index.episodes - 1}), but episode "
+                         f"ids up to {max(episode_ids)} were requested; materialise more with --episodes")
+    bad = BadSamples(on_bad_sample)
+    normalize = Normalizer(index.mean, index.std)
+    loaded_shard, loaded = None, {}
+    labels_s, labels_q = np.repeat(np.arange(shape.ways), shape.shots), np.repeat(np.arange(shape.ways), shape.queries)
+    batch = []
+    for episode_id in episode_ids:
+        shard, _ = index.locate(episode_id)
+        if shard != loaded_shard:
+            loaded_shard = shard
+            loaded = {e.id: e for e in read_episode_shard(index.root / index.shards[shard], index, bad)}
+        if episode_id not in loaded:
+            bad(ShardFormatError(f"{index.root / index.shards[shard]}: episode {episode_id} is missing"))
+            continue
+        episode = loaded[episode_id]
+        batch.append((episode.support, labels_s, episode.query, labels_q))
+        if len(batch) == tasks_per_batch:
+            yield stack_tasks(batch, normalize)
+            batch = []
+    if batch:
+        yield stack_tasks(batch, normalize)

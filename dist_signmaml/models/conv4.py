@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from dist_signmaml.models.blocks import Backbone, run_blocks
+from dist_signmaml.models.norm import TaskBatchNorm2d
 
-def task_batchnorm(channels: int) -> nn.BatchNorm2d:
-    """BatchNorm that always normalises with the current batch's statistics and keeps no running averages.
 
-    In meta-learning each forward sees exactly one task, so these are per-task statistics in training and at test
-    time (the transductive setting of MAML). No buffers also keeps the module vmap- and DDP-friendly.
-    """
-    return nn.BatchNorm2d(channels, track_running_stats=False)
+def task_batchnorm(channels: int) -> TaskBatchNorm2d:
+    return TaskBatchNorm2d(channels)
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -19,7 +17,7 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
                          nn.ReLU(), nn.MaxPool2d(2))
 
 
-class Conv4(nn.Module):
+class Conv4(Backbone):
     """conv4 with `hidden` filters per layer (64 for 28/32 px inputs, 32 for 84 px in the paper)."""
 
     def __init__(self, in_channels: int, ways: int, hidden: int = 64, image_size: int = 28):
@@ -33,5 +31,9 @@ class Conv4(nn.Module):
             raise ValueError(f"conv4 needs images of at least 16 px, got {image_size}")
         self.head = nn.Linear(hidden * side * side, ways)
 
-    def forward(self, x):
-        return self.head(self.features(x))
+    def adaptation_blocks(self) -> list[tuple[str, ...]]:
+        return [(f"features.{i}",) for i in range(4)]
+
+    def logits(self, x):
+        features = run_blocks(self.features[:4], x, self.activation_checkpointing)
+        return self.head(self.features[4](features))

@@ -1,0 +1,77 @@
+"""Helpers shared by the benchmarks: interleaved timing, saved-activation memory, JSON output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def machine() -> dict:
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, dict]:
+    """Run every configuration once per round, `warmup + repeats` rounds, and report per configuration the median
+    and quartiles of the timed rounds. Interleaving spreads machine noise evenly over the configurations, so their
+    ratios are meaningful even when absolute times drift."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(warmup + repeats):
+        for name, step in steps.items():
+            synchronize()
+            started = time.perf_counter()
+            step()
+            synchronize()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - started)
+    out = {}
+    for name, values in times.items():
+        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        out[name] = {"median_s": statistics.median(values), "q1_s": q[0], "q3_s": q[2], "n": len(values)}
+    return out
+
+
+def peak_memory_bytes(fn: Callable[[], None]) -> int:
+    """Peak bytes allocated by torch while `fn` runs, above what was allocated when it started.
+
+    On CUDA: torch.cuda.max_memory_allocated. On CPU, where torch keeps no such counter, the profiler's per-op
+    memory accounting (bytes each op allocated net of what it freed, plus the frees that happen outside any op) is
+    replayed in time order and the running total's maximum is taken. That counts every tensor torch allocates,
+    independent of the OS allocator's caching; a temporary allocated and freed inside a single op is not seen.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def write_json(result: dict, path: str | None):
+    text = json.dumps(result, indent=1, sort_keys=True)
+    print(text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")

@@ -1,0 +1,252 @@
+"""The inner learning rate beta by the paper's Appendix A procedure, per method.
+
+Train one run per beta of a grid, pick the beta with the best validation accuracy, and while the best sits at an
+edge of the values tried, try two more values beyond that edge, spaced like the edge's neighbour (Appendix A: best
+0.16 of 0.06..0.16 -> try 0.18 and 0.20; stop when the best is inside). Runs go one after another here, or into a
+SLURM job array per round (`--slurm`): re-running the same command picks up the finished runs, and either writes the
+next round or the summary.
+
+    python -m dist_signmaml.sweep --algos sign,fo --steps 300 --out runs/sweep
+    python -m dist_signmaml.sweep --algos sign --grid 0.003,0.005,0.008 --launcher "accelerate launch --num_processes 2"
+    python -m dist_signmaml.sweep --algos sign --slurm --sbatch "--gres=gpu:1 --time=04:00:00"   # then sbatch ...
+
+Every other option is a training option, passed to each run (`python -m dist_signmaml.train --help`).
+The summary: OUT/sweep.csv, OUT/sweep.json and OUT/sweep.md (best per method marked).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import fire
+from tqdm import tqdm
+
+from dist_signmaml.algorithms.rules import ALGORITHMS
+from dist_signmaml.config import ConfigError, TrainConfig
+from dist_signmaml.monitor import RESULTS_JSON
+
+# Appendix A's search ranges; signum takes Sign-MAML's (both step by beta * sign(.)).
+PAPER_GRIDS = {"sign": (0.0035, 0.005, 0.0065, 0.0075, 0.01), "signum": (0.0035, 0.005, 0.0065, 0.0075, 0.01),
+               "fo": (0.06, 0.08, 0.1, 0.12, 0.14, 0.16), "maml": (0.06, 0.08, 0.1, 0.12, 0.14, 0.16)}
+SWEEP_OPTIONS = ("algos", "grid", "out", "launcher", "slurm", "submit", "sbatch", "max_extensions")
+
+
+class SweepError(ValueError):
+    """Bad sweep input or a failed run; the message names the flag or the run directory."""
+
+
+def canonical(beta: float) -> float:
+    """Betas computed by extension (0.16 + 0.02) are rounded so that they name the same run every time."""
+    return float(f"{beta:.10g}")
+
+
+def run_name(beta: float) -> str:
+    return f"beta_{canonical(beta):g}"
+
+
+def best_beta(accuracy: dict[float, float], tried: list[float]) -> float:
+    """The tried beta with the highest validation accuracy (ties: the smaller beta)."""
+    return max(sorted(tried), key=lambda beta: (accuracy[beta], -beta))
+
+
+def beyond_edge(tried: list[float], edge: float) -> list[float]:
+    """Two values past `edge` (the smallest or largest tried), spaced by the gap to the edge's neighbour. Below the
+    range the additive step could reach beta <= 0; it is then geometric, by the ratio of the two smallest values."""
+    values = sorted(tried)
+    if edge == values[-1]:
+        gap = values[-1] - values[-2]
+        return [canonical(edge + gap), canonical(edge + 2 * gap)]
+    gap = values[1] - values[0]
+    if edge - 2 * gap > 0:
+        return [canonical(edge - gap), canonical(edge - 2 * gap)]
+    ratio = values[0] / values[1]
+    return [canonical(edge * ratio), canonical(edge * ratio * ratio)]
+
+
+def plan(grid, accuracy: dict[float, float], max_extensions: int) -> dict:
+    """Where the search stands given the accuracies known so far: a pure function, so a sweep resumes from its runs.
+
+    Returns {"pending": betas still to run, "tried": betas of the search so far, "best": best beta or None,
+    "status": "running" | "done" | "edge"}; "edge" means the best is still at an edge after max_extensions rounds.
+    """
+    tried = sorted({canonical(b) for b in grid})
+    for round_ in range(max_extensions + 1):
+        pending = [beta for beta in tried if beta not in accuracy]
+        if pending:
+            return {"pending": pending, "tried": tried, "best": None, "status": "running"}
+        best = best_beta(accuracy, tried)
+        if len(tried) < 2 or best not in (tried[0], tried[-1]):
+            return {"pending": [], "tried": tried, "best": best, "status": "done"}
+        if round_ == max_extensions:
+            return {"pending": [], "tried": tried, "best": best, "status": "edge"}
+        tried = sorted(set(tried) | set(beyond_edge(tried, best)))
+    raise AssertionError("unreachable")
+
+
+def read_accuracies(algo_dir: Path) -> dict[float, dict]:
+    """beta -> the best validation result of each finished run under OUT/ALGO (runs without results.json are
+    unfinished and left out)."""
+    found = {}
+    for results_file in sorted(algo_dir.glob(f"beta_*/{RESULTS_JSON}")):
+        results = json.loads(results_file.read_text())
+        if not results.get("best_val"):
+            raise SweepError(f"{results_file} has no validation result: sweep runs need --eval_episodes > 0")
+        beta = canonical(results["config"]["inner_lr"])
+        found[beta] = {"beta": beta, "val_accuracy": results["best_val"]["accuracy"],
+                       "val_ci95": results["best_val"]["ci95"], "val_step": results["best_val"]["step"],
+                       "test_accuracy": (results.get("test") or {}).get("accuracy"),
+                       "test_ci95": (results.get("test") or {}).get("ci95"),
+                       "seconds_per_meta_iteration": results["seconds_per_meta_iteration"]["mean"],
+                       "run": str(results_file.parent)}
+    return found
+
+
+def train_command(launcher: str, train_options: dict, algo: str) -> list[str]:
+    """The command of every run of `algo`, less --inner_lr and --out. `launcher` runs a module: `python`, or e.g.
+    `accelerate launch --num_processes 2`."""
+    flags = [f"--{k}={v}" for k, v in sorted(train_options.items())]
+    return shlex.split(launcher) + ["-m", "dist_signmaml.train", *flags, f"--algo={algo}"]
+
+
+def run_sequentially(betas: list[float], algo: str, algo_dir: Path, launcher: str, train_options: dict) -> None:
+    for beta in tqdm(betas, desc=f"sweep {algo}", unit="run", dynamic_ncols=True):
+        run_dir = algo_dir / run_name(beta)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        command = train_command(launcher, train_options, algo) + [f"--inner_lr={beta:g}", f"--out={run_dir}"]
+        with open(run_dir / "train.log", "w") as log:
+            finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        if finished.returncode != 0 or not (run_dir / RESULTS_JSON).is_file():
+            raise SweepError(f"run {run_dir} failed (exit {finished.returncode}); see {run_dir / 'train.log'}")
+
+
+def write_array_job(betas: list[float], algo: str, algo_dir: Path, launcher: str, train_options: dict,
+                    sbatch_options: str) -> Path:
+    """A SLURM job array with one task per beta: task i trains betas[i] into OUT/ALGO/beta_<betas[i]>."""
+    algo_dir.mkdir(parents=True, exist_ok=True)
+    script = algo_dir / f"sweep_{len(betas)}runs_from_beta_{betas[0]:g}.sbatch"
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=sweep-{algo}", f"#SBATCH --array=0-{len(betas) - 1}",
+             f"#SBATCH --output={algo_dir.resolve()}/slurm-%A_%a.log"]
+    lines += [f"#SBATCH {option}" for option in shlex.split(sbatch_options)]
+    lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}",
+              "BETAS=(" + " ".join(f"{b:g}" for b in betas) + ")",
+              "RUNS=(" + " ".join(run_name(b) for b in betas) + ")",
+              'BETA="${BETAS[$SLURM_ARRAY_TASK_ID]}"',
+              f'RUN={shlex.quote(str(algo_dir.resolve()))}/"${{RUNS[$SLURM_ARRAY_TASK_ID]}}"',
+              'mkdir -p "$RUN"',
+              shlex.join(train_command(launcher, train_options, algo)) + ' --inner_lr="$BETA" --out="$RUN"', ""]
+    script.write_text("\n".join(lines))
+    return script
+
+
+def summarize(out: Path, searches: dict[str, dict], accuracies: dict[str, dict[float, dict]]) -> list[dict]:
+    """OUT/sweep.csv, sweep.json and sweep.md: one row per run, the best beta of each method marked."""
+    rows = []
+    for algo, search in searches.items():
+        for beta in search["tried"]:
+            if beta in accuracies[algo]:
+                rows.append({"algo": algo, **accuracies[algo][beta], "best": beta == search["best"],
+                             "status": search["status"]})
+    fields = ["algo", "beta", "val_accuracy", "val_ci95", "val_step", "test_accuracy", "test_ci95",
+              "seconds_per_meta_iteration", "best", "status", "run"]
+    with open(out / "sweep.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "sweep.json").write_text(json.dumps({"runs": rows, "best": {a: s["best"] for a, s in searches.items()},
+                                                "status": {a: s["status"] for a, s in searches.items()}}, indent=1) + "\n")
+    pct = lambda v, ci: "" if v is None else f"{100 * v:.2f} ± {100 * ci:.2f}%"  # noqa: E731
+    lines = ["# beta sweep (paper Appendix A)", "", "| method | beta | val accuracy ± 95% CI | test accuracy ± 95% CI | s / meta-iteration |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        mark = "**" if row["best"] else ""
+        lines.append(f"| {row['algo']} | {mark}{row['beta']:g}{mark} | {mark}{pct(row['val_accuracy'], row['val_ci95'])}{mark} | "
+                     f"{pct(row['test_accuracy'], row['test_ci95'])} | {row['seconds_per_meta_iteration']:.4f} |")
+    for algo, search in searches.items():
+        if search["status"] == "edge":
+            lines.append(f"\n{algo}: the best beta {search['best']:g} is still at an edge after the allowed extensions "
+                         f"(raise --max_extensions).")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def as_list(value, flag: str, convert) -> list:
+    """fire gives `a,b` as a tuple and `a` as a scalar; a string with commas is split."""
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    try:
+        return [convert(item) for item in items if str(item).strip()]
+    except ValueError:
+        raise SweepError(f"--{flag}={value!r} is invalid: expected a comma-separated list") from None
+
+
+def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "", slurm: bool = False,
+          submit: bool = False, sbatch: str = "", max_extensions: int = 5, **train_options) -> dict:
+    """Run (or schedule) the search for every method; returns {algo: plan} and writes the summary when done."""
+    methods = as_list(algos, "algos", str)
+    for algo in methods:
+        if algo not in ALGORITHMS:
+            raise SweepError(f"--algos: {algo!r} is not a method; expected some of {', '.join(ALGORITHMS)}")
+    if grid and len(methods) > 1:
+        raise SweepError("--grid applies to one method; give a single --algos with it, or use the paper's grids")
+    grids = {algo: as_list(grid, "grid", float) if grid else list(PAPER_GRIDS[algo]) for algo in methods}
+    for algo, values in grids.items():
+        if not values or min(values) <= 0:
+            raise SweepError(f"--grid={grid!r} is invalid: expected positive learning rates")
+    if not isinstance(max_extensions, int) or max_extensions < 0:
+        raise SweepError(f"--max_extensions={max_extensions!r} is invalid: expected an integer >= 0")
+    for reserved in ("algo", "inner_lr", "resume"):
+        if reserved in train_options:
+            raise SweepError(f"--{reserved} is set by the sweep for each run; leave it out")
+    try:  # every run's options are checked before the first run starts
+        TrainConfig.from_options(**train_options)
+    except ConfigError as error:
+        raise SweepError(str(error)) from None
+    if train_options.get("eval_episodes") == 0:
+        raise SweepError("--eval_episodes=0: the sweep picks beta by validation accuracy and needs validation")
+    launcher = launcher or shlex.quote(sys.executable)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    searches, accuracies = {}, {}
+    for algo in methods:
+        algo_dir = out_dir / algo
+        for _ in range(max_extensions + 2):  # the first round, the extensions, and a last look
+            accuracies[algo] = read_accuracies(algo_dir)
+            search = plan(grids[algo], {b: r["val_accuracy"] for b, r in accuracies[algo].items()}, max_extensions)
+            if not search["pending"]:
+                break
+            if not slurm:
+                run_sequentially(search["pending"], algo, algo_dir, launcher, train_options)
+                continue
+            script = write_array_job(search["pending"], algo, algo_dir, launcher, train_options, sbatch)
+            if not submit:
+                print(f"{algo}: {len(search['pending'])} runs to go; submit `sbatch {script}`, then re-run this "
+                      f"command to continue the search")
+                break
+            subprocess.run(["sbatch", "--wait", str(script)], check=True)
+        searches[algo] = search
+    if all(not s["pending"] for s in searches.values()):
+        summarize(out_dir, searches, accuracies)
+        for algo, search in searches.items():
+            best = accuracies[algo][search["best"]]
+            print(f"{algo}: best beta {search['best']:g}, val {100 * best['val_accuracy']:.2f} ± "
+                  f"{100 * best['val_ci95']:.2f}% ({search['status']}) -> {out_dir / 'sweep.md'}")
+    return searches
+
+
+def main(**options) -> None:
+    try:
+        sweep(**options)
+    except SweepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+main.__doc__ = __doc__
+
+if __name__ == "__main__":
+    fire.Fire(main)

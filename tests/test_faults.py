@@ -1,0 +1,119 @@
+"""Faults on 2 real CPU ranks: a stop signal, kill -9 of the whole job, a rank that dies, a rank that hangs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_signmaml.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
+from tests.dist_scripts.launching import (TINY_TRAIN, TRAIN, checkpoint_steps, child_env, kill_tree, logged_losses,
+                                          run, start, two_cpu_ranks, wait_for, worker_pids)
+
+pytestmark = pytest.mark.slow
+STEPS = 40
+
+
+def training(out, *extra):
+    return two_cpu_ranks(*TRAIN, *TINY_TRAIN, "--steps", STEPS, "--ckpt_every", 5, "--out", out, *extra)
+
+
+def test_stop_signal_then_kill_9_then_resume_reproduce_the_uninterrupted_run(tmp_path, omniglot_root):
+    """One run goes straight through. The other gets SIGTERM on one worker only (both ranks must checkpoint the same
+    step and exit 75, leaving the PREEMPTED marker), is resumed, is killed with SIGKILL as a whole mid-run, and is
+    resumed again. Every loss it logged and its final weights equal the straight run's bit for bit (CPU, gloo)."""
+    data = ["--data", str(omniglot_root)]
+    env = child_env()
+    straight = start(training(tmp_path / "straight", *data), env, tmp_path / "straight.log")
+    interrupted = tmp_path / "interrupted"
+
+    # 1. SIGTERM to one worker after the first checkpoint
+    first = start(training(interrupted, *data), env, tmp_path / "first.log")
+    wait_for(lambda: 5 in checkpoint_steps(interrupted), 240, "the step-5 checkpoint", process=first)
+    workers = wait_for(lambda: worker_pids(first.pid), 10, "the two workers")
+    assert len(workers) == 2, workers
+    signal_time = time.monotonic()
+    os.kill(workers[-1], signal.SIGTERM)
+    first.wait(timeout=120)
+    log = (tmp_path / "first.log").read_text()
+    marker = json.loads((interrupted / PREEMPTED_MARKER).read_text())
+    stopped_at = marker["step"]
+    assert marker["exit_code"] == REQUEUE_EXIT_CODE == 75 and marker["signal"] in ("SIGTERM", "a stop signal on another rank")
+    assert f"exitcode  : {REQUEUE_EXIT_CODE}" in log, log[-3000:]
+    assert checkpoint_steps(interrupted)[-1] == stopped_at < STEPS
+    state = json.loads((interrupted / "checkpoints" / f"step_{stopped_at:08d}" / "train_state.json").read_text())
+    assert state["stopped_by"] == marker["signal"]
+    saved = {p.name for p in (interrupted / "checkpoints" / f"step_{stopped_at:08d}").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= saved, saved  # both ranks saved this same step
+    assert time.monotonic() - signal_time < 60
+
+    # 2. resume, then SIGKILL everything once a newer checkpoint exists
+    second = start(training(interrupted, *data, "--resume"), env, tmp_path / "second.log")
+    killed_after = wait_for(lambda: [s for s in checkpoint_steps(interrupted) if s > stopped_at], 240,
+                            "a checkpoint after the resume", interval=0.02, process=second)[0]
+    kill_tree(second.pid)
+    second.wait(timeout=30)
+    assert not (interrupted / PREEMPTED_MARKER).exists(), "a resumed run must clear the marker"
+    assert not (interrupted / "model.safetensors").exists(), "the run finished before it could be killed"
+    last_checkpoint = checkpoint_steps(interrupted)[-1]
+    assert killed_after <= last_checkpoint < STEPS
+
+    # 3. resume to the end
+    third = run(training(interrupted, *data, "--resume"), env, timeout=240)
+    assert third.returncode == 0, third.stdout[-4000:]
+    assert f"resumed from step {last_checkpoint}" in third.stdout
+
+    assert straight.wait(timeout=240) == 0, (tmp_path / "straight.log").read_text()[-4000:]
+    expected, got = logged_losses(tmp_path / "straight"), logged_losses(interrupted)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    assert set(range(1, stopped_at + 1)) | set(range(last_checkpoint + 1, STEPS + 1)) <= set(got), sorted(got)
+    assert {step: got[step] for step in got} == {step: expected[step] for step in got}  # bit-exact, every step
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def start_long_run(tmp_path, omniglot_root, *extra):
+    out = tmp_path / "run"
+    launcher = start(two_cpu_ranks(*TRAIN, *TINY_TRAIN, "--steps", 100000, "--ckpt_every", 2, "--out", out,
+                                   "--data", omniglot_root, *extra), child_env(), tmp_path / "run.log")
+    wait_for(lambda: checkpoint_steps(out), 240, "the first checkpoint", process=launcher)
+    workers = worker_pids(launcher.pid)
+    assert len(workers) == 2, workers
+    return launcher, workers
+
+
+def test_a_rank_that_dies_makes_the_other_fail_fast_naming_it(tmp_path, omniglot_root):
+    launcher, (rank0, rank1) = start_long_run(tmp_path, omniglot_root)
+    try:
+        killed = time.monotonic()
+        kill_tree(rank1)
+        launcher.wait(timeout=60)
+        elapsed = time.monotonic() - killed
+    finally:
+        kill_tree(launcher.pid)
+    log = (tmp_path / "run.log").read_text()
+    assert "PeerLostError: rank 0:" in log and "rank 1 is gone (its connection closed: the process died)" in log, \
+        log[-4000:]
+    assert elapsed < 30
+
+
+def test_a_rank_that_hangs_makes_the_other_fail_after_the_timeout_naming_it(tmp_path, omniglot_root):
+    """SIGSTOP leaves rank 1's sockets open, as a hung process or a silent network would: rank 0 waits out the
+    process-group timeout (--dist_timeout 4), pings rank 1 for as long again, and fails naming it."""
+    launcher, (rank0, rank1) = start_long_run(tmp_path, omniglot_root, "--dist_timeout", 4)
+    try:
+        stopped = time.monotonic()
+        kill_tree(rank1, signal.SIGSTOP)
+        wait_for(lambda: "PeerLostError" in (tmp_path / "run.log").read_text(), 60, "rank 0's error")
+        elapsed = time.monotonic() - stopped
+    finally:
+        kill_tree(launcher.pid)
+    log = (tmp_path / "run.log").read_text()
+    assert "PeerLostError: rank 0:" in log and "rank 1 did not answer in time" in log, log[-4000:]
+    assert 4 <= elapsed < 4 + 4 + 15, elapsed
