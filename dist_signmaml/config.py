@@ -98,10 +98,10 @@ class TrainConfig:
             need(isinstance(getattr(self, flag), int) and not isinstance(getattr(self, flag), bool)
                  and getattr(self, flag) > 0, flag, "a positive integer")
         need(self.ways >= 2, "ways", "at least 2 classes per task")
+        need(self.algo in ALGORITHMS, "algo", f"one of {', '.join(ALGORITHMS)}")  # before inner_lr: it sets its default
         for flag in ("inner_lr", "outer_lr"):
             need(isinstance(getattr(self, flag), (int, float)) and getattr(self, flag) > 0, flag, "a positive number")
         need(0 <= self.inner_momentum < 1, "inner_momentum", "a number in [0, 1)")
-        need(self.algo in ALGORITHMS, "algo", f"one of {', '.join(ALGORITHMS)}")
         need(self.backbone in BACKBONES, "backbone", f"one of {', '.join(sorted(BACKBONES))}")
         need(self.task_parallel in TASK_PARALLEL_MODES, "task_parallel", f"one of {', '.join(TASK_PARALLEL_MODES)}")
         for flag in ("hidden", "workers", "eval_episodes", "eval_every", "test_episodes", "seed"):
@@ -140,4 +140,4 @@ class TrainConfig:
 
     @staticmethod
     def help_lines() -> str:
-        return "\n".join(f"  {f.name}: {f.metadata['help']} (default {f.default!r})" for f in fields(TrainConfig))
+        return "\n".join(f"  --{f.name}  {f.metadata['help']} (default: {f.default!r})" for f in fields(TrainConfig))

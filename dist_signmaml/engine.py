@@ -4,6 +4,7 @@ reduction, trackers, checkpoints and export. Everything below it is single-devic
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -68,6 +69,17 @@ def process_group_kwargs(timeout_s: float, deepspeed_on_cpu: bool) -> InitProces
     return kwargs
 
 
+def names_lost_peers(what: str):
+    """Decorate an Engine method that runs a collective: a peer lost meanwhile becomes a PeerLostError naming it."""
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapped(self, *args, **kwargs):
+            with self.naming_lost_peers(what):
+                return method(self, *args, **kwargs)
+        return wrapped
+    return decorate
+
+
 class Engine:
     def __init__(self, out_dir: str | Path, seed: int, log_with: str | None = "tensorboard", *,
                  zero_stage: int = 0, timeout_s: float = 300.0):
@@ -117,7 +129,7 @@ class Engine:
             raise DistributedSetupError(
                 f"the launcher started WORLD_SIZE={launched} processes but Accelerate formed a group of "
                 f"{self.accelerator.num_processes}: ranks would not sync. On a CPU-only machine launch with "
-                f"ACCELERATE_USE_CPU=1 (see README, 'Distributed').")
+                f"ACCELERATE_USE_CPU=1 (README: 'Distributed training, DeepSpeed and SLURM').")
 
     @property
     def device(self) -> torch.device:
@@ -148,6 +160,7 @@ class Engine:
     def main_process_first(self):
         return self.accelerator.main_process_first()
 
+    @names_lost_peers("a barrier")
     def wait(self):
         self.accelerator.wait_for_everyone()
 
@@ -199,12 +212,13 @@ class Engine:
         except RuntimeError as error:
             if self._control is None or not _is_communication_error(error):
                 raise  # a bug in the step itself, not a lost peer: keep its own traceback
+            failed_after = time.monotonic() - started
             lost = self._ping_peers()
             if not lost:
                 raise
             first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-            raise PeerLostError(f"rank {self.rank}: {what} failed after {time.monotonic() - started:.1f} s because "
-                                f"{lost}. Original error: {first_line}") from error
+            raise PeerLostError(f"rank {self.rank}: {what} failed after {failed_after:.1f} s because {lost}. "
+                                f"Original error: {first_line}") from error
 
     def _ping_peers(self) -> str:
         """Rank 0 waits for a token from every other rank, each other rank sends one to rank 0; a closed connection
@@ -223,14 +237,16 @@ class Engine:
                 self._control.recv([token], peer, 0).wait(wait)
             except RuntimeError as error:
                 lost.append(f"rank {peer} {_reason(error)}")
-        return "; ".join(lost) and "lost " + "; ".join(lost)
+        return "; ".join(lost)
 
+    @names_lost_peers("a metric reduction")
     def mean_over_ranks(self, values: dict[str, torch.Tensor | float]) -> dict[str, float]:
         keys = sorted(values)
         stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=self.device) for k in keys])
         reduced = self.accelerator.reduce(stacked, reduction="mean") if self.world_size > 1 else stacked
         return {k: float(v) for k, v in zip(keys, reduced.tolist())}
 
+    @names_lost_peers("a gather")
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(tensor.to(self.device))
 
@@ -256,6 +272,7 @@ class Engine:
         self.accelerator.end_training()
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
+    @names_lost_peers("saving a checkpoint")
     def save_checkpoint(self, step: int, state: dict, keep: int) -> Path:
         """Save model, optimizer and RNG states (Accelerate) plus `state` (JSON) to OUT/checkpoints/step_N."""
         path = self.out_dir / CHECKPOINT_DIR / f"step_{step:08d}"

@@ -26,6 +26,8 @@ from dist_signmaml.data import EpisodeShape, fixed_episodes
 # seed, so runs, methods and rank counts are all scored on the same tasks (and `evaluate` on a run directory with
 # the run's episode count reproduces the test result in its results.json).
 EVALUATION_SEED = 2021
+FINAL_WEIGHTS = "model.safetensors"  # the run's last meta-initialisation (train.py)
+BEST_WEIGHTS = "model_best.safetensors"  # the best one by validation accuracy (monitor.Validator)
 
 
 def confidence_interval(accuracies: torch.Tensor) -> tuple[float, float]:
@@ -51,13 +53,14 @@ def meta_test(learner, engine, split_dir, shape: EpisodeShape, *, episodes: int,
             progress.update(len(accuracies[-1]))
     learner.train()
     progress.close()
-    # Ranks may own one episode fewer than others: pad to the same length with NaN, gather, drop the padding.
+    # Ranks may own one episode fewer than others: pad to the same length with NaN, gather, put the episodes back in
+    # their own order (rank r held r, r + W, ...) so that even the rounding of the sums is that of one process.
     per_rank = math.ceil(episodes / engine.world_size)
     mine = torch.cat(accuracies) if accuracies else torch.empty(0, device=engine.device)
     padded = torch.full((per_rank,), float("nan"), device=engine.device)
     padded[: mine.numel()] = mine
-    gathered = engine.gather(padded)
-    everything = gathered[~torch.isnan(gathered)].cpu()
+    in_episode_order = engine.gather(padded).view(engine.world_size, per_rank).t().reshape(-1)
+    everything = in_episode_order[~torch.isnan(in_episode_order)].cpu()
     mean, ci95 = confidence_interval(everything)
     return {"accuracy": mean, "ci95": ci95, "episodes": int(everything.numel()), "inner_steps": inner_steps}
 
@@ -66,9 +69,6 @@ def meta_test(learner, engine, split_dir, shape: EpisodeShape, *, episodes: int,
 
 class EvaluationError(ValueError):
     """Bad input to `evaluate`: the message names the argument, the value and what was expected."""
-
-
-FINAL_WEIGHTS, BEST_WEIGHTS = "model.safetensors", "model_best.safetensors"
 
 
 def weights_file(path: str | Path, weights: str = "best") -> Path:
@@ -149,7 +149,10 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
 
     engine = Engine(out_file.parent, config.seed, log_with=None)
     image_shape = metadata.get("image_shape") or _image_shape(split_dir)
-    learner = build_learner(config, image_shape, engine.device)
+    try:
+        learner = build_learner(config, image_shape, engine.device)
+    except ConfigError as error:
+        raise EvaluationError(f"{file}: {error}") from None
     state = {k.removeprefix("model."): v for k, v in load_file(str(file)).items()}
     learner.model.load_state_dict(state)
     learner.to(engine.device)

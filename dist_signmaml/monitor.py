@@ -27,12 +27,11 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from dist_signmaml.evaluate import EVALUATION_SEED, meta_test
+from dist_signmaml.evaluate import BEST_WEIGHTS, EVALUATION_SEED, FINAL_WEIGHTS, meta_test
 
 PHASES = ("data_wait", "inner_loop", "outer_backward", "optimizer_step")
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
-BEST_WEIGHTS = "model_best.safetensors"
 
 
 class PhaseTimer:
@@ -234,7 +233,7 @@ def final_test(learner, engine, validator: Validator, split_dir, shape, *, episo
     best_step = validator.restore_best(learner)
     result = meta_test(learner, engine, split_dir, shape, episodes=episodes, inner_steps=inner_steps,
                        seed=EVALUATION_SEED, tasks_per_batch=tasks_per_batch, desc="test")
-    result["weights"] = BEST_WEIGHTS if best_step is not None else "model.safetensors"
+    result["weights"] = BEST_WEIGHTS if best_step is not None else FINAL_WEIGHTS
     result["weights_step"] = best_step if best_step is not None else step
     engine.log({"test/accuracy": result["accuracy"], "test/ci95": result["ci95"]}, step=step)
     engine.print0(f"test {shape.ways}-way {shape.shots}-shot, {inner_steps} inner steps, weights of step "

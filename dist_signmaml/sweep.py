@@ -10,7 +10,15 @@ next round or the summary.
     python -m dist_signmaml.sweep --algos sign --grid 0.003,0.005,0.008 --launcher "accelerate launch --num_processes 2"
     python -m dist_signmaml.sweep --algos sign --slurm --sbatch "--gres=gpu:1 --time=04:00:00"   # then sbatch ...
 
-Every other option is a training option, passed to each run (`python -m dist_signmaml.train --help`).
+Options (every other option is a training option, passed to each run: `python -m dist_signmaml.train --help`):
+    --algos           methods to tune, comma-separated: sign, fo, maml, signum (default sign)
+    --grid            betas to start from, comma-separated, one method only (default: Appendix A's grid per method)
+    --out             sweep directory; run i of method M goes to OUT/M/beta_<value> (default runs/sweep)
+    --launcher        how a run starts a module (default: this python; e.g. "accelerate launch --num_processes 2")
+    --max_extensions  rounds of two more betas past an edge before giving up (default 5)
+    --slurm           write a SLURM job array per round instead of running (re-run the command to continue)
+    --submit          with --slurm: submit with `sbatch --wait` and continue until done
+    --sbatch          extra #SBATCH options, e.g. "--gres=gpu:1 --time=04:00:00"
 The summary: OUT/sweep.csv, OUT/sweep.json and OUT/sweep.md (best per method marked).
 """
 
@@ -33,7 +41,6 @@ from dist_signmaml.monitor import RESULTS_JSON
 # Appendix A's search ranges; signum takes Sign-MAML's (both step by beta * sign(.)).
 PAPER_GRIDS = {"sign": (0.0035, 0.005, 0.0065, 0.0075, 0.01), "signum": (0.0035, 0.005, 0.0065, 0.0075, 0.01),
                "fo": (0.06, 0.08, 0.1, 0.12, 0.14, 0.16), "maml": (0.06, 0.08, 0.1, 0.12, 0.14, 0.16)}
-SWEEP_OPTIONS = ("algos", "grid", "out", "launcher", "slurm", "submit", "sbatch", "max_extensions")
 
 
 class SweepError(ValueError):
@@ -249,4 +256,7 @@ def main(**options) -> None:
 main.__doc__ = __doc__
 
 if __name__ == "__main__":
+    if {"--help", "-h"} & set(sys.argv[1:]):  # **options would otherwise take --help for a training option
+        print(__doc__)
+        sys.exit(0)
     fire.Fire(main)

@@ -163,6 +163,11 @@ def train(config: TrainConfig) -> dict:
 
 
 def main(**options) -> None:
+    if options.pop("help", False) or options.pop("h", False):
+        # fire hands `--help` to the **options catch-all below, so the help is printed here, from TrainConfig
+        print("usage: [accelerate launch [LAUNCH OPTIONS]] -m dist_signmaml.train [--OPTION VALUE ...]\n\n"
+              "Meta-train a few-shot learner with Sign-MAML and its baselines.\n\noptions:\n" + TrainConfig.help_lines())
+        return
     try:
         config = TrainConfig.from_options(**options)
         train(config)
@@ -172,8 +177,11 @@ def main(**options) -> None:
 
 
 # The CLI signature and help come from TrainConfig, so `--help` lists every option with its default.
+# A trailing **options lets fire hand a mistyped flag to TrainConfig, which rejects it before any work (without it
+# fire would run the whole training and complain about the flag afterwards).
 main.__signature__ = inspect.Signature([
-    inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type) for f in fields(TrainConfig)])
+    inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type) for f in fields(TrainConfig)]
+    + [inspect.Parameter("unknown_options", inspect.Parameter.VAR_KEYWORD)])
 main.__doc__ = "Meta-train a few-shot learner with Sign-MAML and its baselines.\n\nArgs:\n" + "\n".join(
     f"  {f.name}: {f.metadata['help']}" for f in fields(TrainConfig))
 

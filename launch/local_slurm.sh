@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A throw-away single-node SLURM cluster on this machine, for the tests in tests/test_slurm.py (and for trying the
 # sbatch scripts by hand). Needs root and a Debian/Ubuntu apt; installs slurmctld, slurmd, slurm-client, munge
-# when they are missing (~10 s from a mirror).
+# when they are missing (~10-30 s from a mirror). Exit status 3: cannot install here (not root, no apt, no mirror).
 #
 #   launch/local_slurm.sh start DIR   # writes DIR/slurm.conf, starts munged, slurmctld, slurmd; prints the export
 #   export SLURM_CONF=DIR/slurm.conf  # then: sinfo, sbatch, squeue, scontrol, scancel
@@ -21,9 +21,11 @@ install_if_missing() {
     fi
     [ "$(id -u)" = 0 ] || { echo "local_slurm.sh: installing SLURM needs root" >&2; exit 3; }
     command -v apt-get >/dev/null || { echo "local_slurm.sh: no apt-get to install SLURM with" >&2; exit 3; }
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        slurmctld slurmd slurm-client munge >/dev/null
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            slurmctld slurmd slurm-client munge >/dev/null; }; then
+        echo "local_slurm.sh: apt-get could not install slurmctld slurmd slurm-client munge" >&2
+        exit 3
+    fi
 }
 
 write_config() {
@@ -50,8 +52,11 @@ SlurmdSpoolDir=$dir/spool/slurmd
 StateSaveLocation=$dir/state
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd.log
-# A requeued job may start again at once (the default holds it back for a while).
-SchedulerParameters=bf_interval=1
+# Schedule every 1-2 s, not every minute: a test cluster should start (and restart) jobs at once.
+SchedulerParameters=bf_interval=1,sched_interval=2
+# Forget finished jobs after 4 s. sbatch --wait polls every MinJobAge/2 at most (else 2, 8, 32, 32... s), so this
+# makes it return within ~2 s of the end of a job.
+MinJobAge=4
 KillWait=20
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP

@@ -18,6 +18,16 @@ from dist_signmaml.models import adapted_parameter_names, build_backbone, load_w
 from dist_signmaml.models.norm import TaskBatchNorm2d
 
 ALL_BACKBONES = ["conv4", "resnet12", "resnet18", "resnet34"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP threads spin against other processes (measured 10x
+    slower ResNet steps with 2 threads under load); restored afterwards for the rest of the suite."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 TINY_WIDTH = {"conv4": 4, "resnet12": 2, "resnet18": 0, "resnet34": 0}  # torchvision widths are fixed
 
 
@@ -112,15 +122,18 @@ def test_torchvision_widths_are_fixed():
 
 # ---- the same inner loop for every backbone ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,algo", [("resnet12", "sign"), ("resnet12", "maml"), ("resnet18", "sign"),
-                                       ("resnet34", "fo")])
-def test_vmap_equals_loop(name, algo):
+@pytest.mark.parametrize("name,algo,steps", [("resnet12", "sign", 2), ("resnet12", "maml", 2), ("resnet18", "sign", 1)])
+def test_vmap_equals_loop(name, algo, steps):
+    """Tasks vectorised with vmap give the loop's numbers, in float64 (in float32 a single inner step of an
+    11M-parameter ResNet already amplifies rounding differences to ~1e-2 in the meta-gradient). ResNet-34 is the
+    same adapter class and block type as ResNet-18 with more blocks, at twice the CPU time, so it is left out."""
     torch.manual_seed(0)
     model = build_backbone(name, in_channels=3, ways=2, hidden=TINY_WIDTH[name], image_size=16).double()
-    batch = episode_batch(2, 2, 2, 1, 16, dtype=torch.float64)
+    shots = 2 if name == "resnet12" else 1
+    batch = episode_batch(2, 2, shots, 1, 16, dtype=torch.float64)
     lr = 0.01 if algo == "sign" else 0.1
-    loop_loss, loop = meta_gradient(MetaLearner(model, make_rule(algo), lr, 2, "loop"), batch)
-    vmap_loss, vmapped = meta_gradient(MetaLearner(model, make_rule(algo), lr, 2, "vmap"), batch)
+    loop_loss, loop = meta_gradient(MetaLearner(model, make_rule(algo), lr, steps, "loop"), batch)
+    vmap_loss, vmapped = meta_gradient(MetaLearner(model, make_rule(algo), lr, steps, "vmap"), batch)
     torch.testing.assert_close(loop_loss, vmap_loss, rtol=1e-10, atol=1e-12)
     assert_all_close(loop, vmapped, rtol=1e-8, atol=1e-10)
 
@@ -165,9 +178,9 @@ def test_a_few_meta_steps_decrease_the_loss_at_84px(name, hidden):
     model = build_backbone(name, in_channels=3, ways=2, hidden=hidden, image_size=84)
     learner = MetaLearner(model, make_rule("sign"), 0.005, 1, "loop")
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
-    batch = episode_batch(2, 2, 1, 2, 84, seed=2)
+    batch = episode_batch(1, 2, 1, 2, 84, seed=2)
     losses = []
-    for _ in range(6):
+    for _ in range(4):
         output = learner(*batch)
         optimizer.zero_grad()
         output.loss.backward()
@@ -180,18 +193,22 @@ def test_a_few_meta_steps_decrease_the_loss_at_84px(name, hidden):
 
 # ---- activation checkpointing ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["conv4", "resnet12", "resnet18"])
-def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients(name):
-    torch.manual_seed(0)
-    batch = episode_batch(2, 2, 2, 1, 16, dtype=torch.float64)
+@pytest.mark.parametrize("name,dtype", [("conv4", torch.float64), ("resnet12", torch.float64),
+                                        ("resnet18", torch.float32)])
+def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients(name, dtype):
+    """The recomputation replays the same operations on the same tensors (the task's adapted weights, the same
+    BatchNorm kernel), so the meta-gradient is unchanged — to rounding in float32, where kernels may order sums
+    differently."""
+    batch = episode_batch(2, 2, 1, 1, 16, dtype=dtype)
     results = {}
     for checkpointed in (False, True):
         torch.manual_seed(0)
         model = build_backbone(name, in_channels=3, ways=2, hidden=TINY_WIDTH[name], image_size=16,
-                               activation_checkpointing=checkpointed).double()
+                               activation_checkpointing=checkpointed).to(dtype)
         block = model.adaptation_blocks()[-1][0]
         calls = []
-        model.get_submodule(block).register_forward_hook(lambda *args: calls.append(torch.is_grad_enabled()))
+        # a pre-hook: the recomputation stops as soon as it has rebuilt what backward needs, before forward hooks
+        model.get_submodule(block).register_forward_pre_hook(lambda *args: calls.append(1))
         learner = MetaLearner(model, make_rule("sign"), 0.01, 1, "loop")
         learner.zero_grad()
         output = learner(*batch)
@@ -200,8 +217,9 @@ def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients(name):
         results[checkpointed] = (output.loss.detach(), {n: p.grad for n, p in model.named_parameters()},
                                  forwards, len(calls) - forwards)
     plain, checkpointed = results[False], results[True]
-    torch.testing.assert_close(plain[0], checkpointed[0], rtol=1e-12, atol=1e-12)
-    assert_all_close(plain[1], checkpointed[1], rtol=1e-10, atol=1e-12)
+    exact = dtype == torch.float64
+    torch.testing.assert_close(plain[0], checkpointed[0], rtol=1e-12 if exact else 1e-6, atol=0)
+    assert_all_close(plain[1], checkpointed[1], rtol=1e-10 if exact else 1e-4, atol=1e-12 if exact else 1e-6)
     assert plain[3] == 0
     assert checkpointed[3] == 2  # the query forward of each of the 2 tasks is recomputed in backward
 

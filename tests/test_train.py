@@ -101,6 +101,14 @@ def test_bad_options_stop_before_any_work(tmp_path, omniglot_root, options, frag
     assert not (tmp_path / "run" / "checkpoints").exists(), "a checkpoint was written despite the bad option"
 
 
+def test_cli_rejects_a_mistyped_flag_before_training(tmp_path, subprocess_env):
+    result = subprocess.run([PYTHON, "-m", "dist_signmaml.train", "--meta_btach", "4", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, env=subprocess_env, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: unknown option(s) --meta_btach" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_help_lists_every_option_with_default(subprocess_env):
     result = subprocess.run([PYTHON, "-m", "dist_signmaml.train", "--help"], capture_output=True, text=True,
                             env=subprocess_env | {"PAGER": "cat"}, timeout=120)
@@ -108,4 +116,6 @@ def test_cli_help_lists_every_option_with_default(subprocess_env):
     from dataclasses import fields
     for f in fields(TrainConfig):
         assert f"--{f.name}" in text, f.name
-    assert "Default: 'sign'" in text and "Default: 0.001" in text
+    assert result.returncode == 0, text[-2000:]
+    assert "--algo  inner-loop rule: sign | fo | maml | signum (default: 'sign')" in text
+    assert "(default: 0.001)" in text

@@ -64,6 +64,17 @@ class TorchDDPStep:
         return flat_parameters(self.ddp.module)
 
 
+def train_torch_ddp(initial, batches, lr: float, ddp_step: TorchDDPStep):
+    """k torch-DDP steps from `initial` (the DeepSpeed run's end-to-end partner), and the worst per-step difference
+    from one process."""
+    module, worst = copy.deepcopy(initial), 0.0
+    for batch in batches:
+        expected = one_process_step(module, batch, lr)
+        worst = max(worst, max_difference(ddp_step(module, batch, lr), expected))
+        module.load_state_dict(ddp_step.ddp.module.state_dict())
+    return module, worst
+
+
 def train_through_engine(engine: Engine, learner, batches, lr: float, expected_step=one_process_step, *,
                          loss_scale: float = 1.0, bypass_ddp: bool = False):
     """Train a copy of `learner` on this rank's shares; return it and the worst per-step difference from
@@ -102,7 +113,7 @@ def check_algorithm(engine: Engine, algo: str, batches, lr: float) -> dict:
 
     if engine.zero_stage:  # DeepSpeed vs torch DDP, step by step and end to end
         ddp_step = TorchDDPStep(initial, engine.rank, engine.world_size, lr)
-        ddp_run, ddp_vs_one = train_through_engine_free_ddp(initial, batches, lr, engine)
+        ddp_run, ddp_vs_one = train_torch_ddp(initial, batches, lr, ddp_step)
         trained, step_error = train_through_engine(engine, initial, batches, lr, ddp_step)
         end_error = max_difference(flat_parameters(trained), flat_parameters(ddp_run))
         assert ddp_vs_one <= STEP_TOLERANCE, f"{algo}: torch DDP vs one process per step: {ddp_vs_one:.3e}"
@@ -119,19 +130,6 @@ def check_algorithm(engine: Engine, algo: str, batches, lr: float) -> dict:
     assert step_error <= STEP_TOLERANCE, f"{algo}: {name} per-step difference {step_error:.3e} > {STEP_TOLERANCE}"
     assert end_error <= end_tolerance, f"{algo}: {name} after {len(batches)} steps differs by {end_error:.3e} > {end_tolerance:.1e}"
     return result | {"step_error": step_error, "end_error": end_error, "rank_spread": spread}
-
-
-def train_through_engine_free_ddp(initial, batches, lr: float, engine: Engine):
-    """k torch-DDP steps from `initial` (the DeepSpeed run's end-to-end partner) and their per-step difference
-    from one process."""
-    ddp_step = TorchDDPStep(initial, engine.rank, engine.world_size, lr)
-    module, worst = copy.deepcopy(initial), 0.0
-    for batch in batches:
-        expected = one_process_step(module, batch, lr)
-        params = ddp_step(module, batch, lr)
-        worst = max(worst, max_difference(params, expected))
-        module.load_state_dict(ddp_step.ddp.module.state_dict())
-    return module, worst
 
 
 def main():
