@@ -40,7 +40,7 @@ import time
 import fire
 import torch
 
-from bench.common import interleaved_medians, machine, write_json
+from bench.common import interleaved_medians, machine, peak_memory_bytes, write_json
 
 BACKBONES = ("conv4", "resnet12", "resnet18", "resnet34")
 EXTRAS = ("bf16", "compile", "channels_last", "head", "checkpointing")
@@ -130,28 +130,6 @@ def build_cell(cell: dict, spec: dict, device, batch):
     return step, task_parallel, parameters
 
 
-def peak_step_bytes(step, device) -> int:
-    """Peak bytes of live tensors during `step()` above those alive when it starts (see the module docstring)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    running = peak = 0
-    for _, change in changes:
-        running += change
-        peak = max(peak, running)
-    return peak
-
-
 def run_worker(spec: dict) -> list[dict]:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -173,7 +151,7 @@ def run_worker(spec: dict) -> list[dict]:
     timings = interleaved_medians(steps, repeats=spec["repeats"], warmup=0)
     for row in rows:
         row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in timings[row["name"]].items()})
-        row["peak_mib"] = round(peak_step_bytes(steps[row["name"]], device) / 2**20, 2)
+        row["peak_mib"] = round(peak_memory_bytes(steps[row["name"]], device) / 2**20, 2)
     return rows
 
 
@@ -190,6 +168,12 @@ def summarize(rows: list[dict], inner_steps: list[int]) -> dict:
         entry = {f"memory_m{hi}_over_m{lo}": {a: ratio(get(a, hi), get(a, lo), "peak_mib") for a in algos},
                  f"time_m{hi}_over_m{lo}": {a: ratio(get(a, hi), get(a, lo), "median_s") for a in algos}}
         memory = entry[f"memory_m{hi}_over_m{lo}"]
+        if get("sign", lo) and get("sign", hi):
+            # For first-order rules the only step-dependent memory is the previous step's adapted weights, alive
+            # while the next are computed (from m=2 on; at m=1 they are the initialisation itself): at most one
+            # parameter copy, flat from m=2 to any m. It shows in the ratio when activations are small (--quick).
+            entry["parameters_mib"] = round(get("sign", lo)["parameters"] * 4 / 2**20, 2)
+            entry[f"sign_memory_m{hi}_minus_m{lo}_mib"] = round(get("sign", hi)["peak_mib"] - get("sign", lo)["peak_mib"], 2)
         first_order = [memory[a] for a in ("sign", "fo") if memory.get(a) is not None]
         if first_order and lo != hi:
             entry["sign_fo_memory_flat_target_1.2_met"] = all(r <= 1.2 for r in first_order)

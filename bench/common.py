@@ -42,15 +42,16 @@ def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int, warm
     return out
 
 
-def peak_memory_bytes(fn: Callable[[], None]) -> int:
-    """Peak bytes allocated by torch while `fn` runs, above what was allocated when it started.
+def peak_memory_bytes(fn: Callable[[], None], device: torch.device | None = None) -> int:
+    """Peak bytes of tensors alive while `fn` runs, above those alive when it started.
 
-    On CUDA: torch.cuda.max_memory_allocated. On CPU, where torch keeps no such counter, the profiler's per-op
-    memory accounting (bytes each op allocated net of what it freed, plus the frees that happen outside any op) is
-    replayed in time order and the running total's maximum is taken. That counts every tensor torch allocates,
-    independent of the OS allocator's caching; a temporary allocated and freed inside a single op is not seen.
+    CUDA: torch.cuda.max_memory_allocated. CPU, where torch keeps no such counter: the profiler
+    (profile_memory=True) records every allocation and free made through torch's CPU allocator with its time stamp
+    (temporaries inside a single op included); replaying them in time order, the running total's maximum is the
+    peak, independent of the OS allocator's caching.
     """
-    if torch.cuda.is_available():
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -61,9 +62,10 @@ def peak_memory_bytes(fn: Callable[[], None]) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
     running = peak = 0
-    for _, change in events:
+    for _, change in changes:
         running += change
         peak = max(peak, running)
     return peak

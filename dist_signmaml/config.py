@@ -18,7 +18,7 @@ DEFAULT_DATA = REPO_ROOT / "data" / "shards" / "omniglot-28"
 
 # Inner learning rate beta per rule for Omniglot 28 px conv4-64, picked on the Omniglot *validation* split by the
 # Appendix-A grid documented in README.md ("Choosing beta"); a user-given --inner_lr always wins.
-DEFAULT_INNER_LR = {"sign": 0.005, "signum": 0.005, "fo": 0.4, "maml": 0.4}
+DEFAULT_INNER_LR = {"sign": 0.005, "signum": 0.005, "fo": 0.1, "maml": 0.2}
 
 
 class ConfigError(ValueError):

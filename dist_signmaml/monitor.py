@@ -3,7 +3,8 @@ deciding its own cadence, so the training loop holds no interval arithmetic), Te
 
 TensorBoard tags written here (all through Accelerate's tracker, on the main process only):
 
-    train/loss, train/accuracy_before, train/accuracy_after   window means over ranks and steps
+    train/loss, train/accuracy_after   window means over ranks and steps
+    train/accuracy_before             on logging steps (an extra query pass), mean over ranks
     train/step_seconds, train/tasks_per_second                 wall time of one meta-iteration, meta-batch / that
     time/data_wait, time/inner_loop, time/outer_backward, time/optimizer_step   seconds per phase (see PhaseTimer)
     memory/peak_mib                                            peak memory, max over ranks (see peak_memory_mib)
@@ -125,7 +126,6 @@ class TrainMonitor:
         else:  # the first iteration of a process pays for lazy initialisation: not a representative timing
             self.iteration_seconds.add(times["meta_iteration"])
         self._window.append({"train/loss": float(output.loss.detach()),
-                             "train/accuracy_before": float(output.accuracy_before),
                              "train/accuracy_after": float(output.accuracy_after),
                              "train/step_seconds": times["meta_iteration"]}
                             | {f"time/{name}": times.get(name, 0.0) for name in PHASES})
@@ -135,8 +135,9 @@ class TrainMonitor:
 
     def _log(self, step: int, output) -> None:
         means = {key: sum(entry[key] for entry in self._window) / len(self._window) for key in self._window[0]}
-        if output.diagnostics is not None:
+        if output.diagnostics is not None:  # measured on this logging step only (they cost extra passes)
             means |= {f"inner/{name}": float(value) for name, value in output.diagnostics.items()}
+            means["train/accuracy_before"] = float(output.accuracy_before)
         means = self.engine.mean_over_ranks(means)
         peak = self.engine.gather(torch.tensor([peak_memory_mib(self.engine.device)], device=self.engine.device))
         self.engine.log(means | {"train/tasks_per_second": self.meta_batch / max(means["train/step_seconds"], 1e-12),

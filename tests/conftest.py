@@ -32,4 +32,16 @@ def subprocess_env() -> dict:
     return env
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's in-process work: on a shared 2-core machine OpenMP threads spin against
+    the other processes (measured ~10x slower ResNet steps under load)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 PYTHON = sys.executable

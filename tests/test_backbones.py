@@ -20,14 +20,8 @@ from dist_signmaml.models.norm import TaskBatchNorm2d
 ALL_BACKBONES = ["conv4", "resnet12", "resnet18", "resnet34"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP threads spin against other processes (measured 10x
-    slower ResNet steps with 2 threads under load); restored afterwards for the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY_WIDTH = {"conv4": 4, "resnet12": 2, "resnet18": 0, "resnet34": 0}  # torchvision widths are fixed
 
 

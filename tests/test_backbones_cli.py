@@ -13,12 +13,8 @@ from dist_signmaml.models import build_backbone
 from dist_signmaml.train import build_learner, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: OpenMP threads would spin against other processes
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 
 def config(tmp_path, omniglot_root, **overrides) -> TrainConfig:

@@ -12,12 +12,8 @@ from dist_signmaml.algorithms.rules import sign_step
 from dist_signmaml.models import adapted_parameter_names, build_backbone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: OpenMP threads would spin against other processes
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 
 def problem(name: str, seed: int = 0):

@@ -22,12 +22,8 @@ from dist_signmaml.models import build_backbone
 from tests.test_backbones import episode_batch, meta_gradient
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: OpenMP threads would spin against other processes
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 
 def flat(grads: dict) -> torch.Tensor:

@@ -41,11 +41,12 @@ def adapt(model: nn.Module, params: Params, support_x: torch.Tensor, support_y: 
     keep_graph = differentiate_through and rule.second_order
     shared_at = shared if keep_graph else {name: p.detach() for name, p in shared.items()}
     support_gradient = grad(lambda p: task_loss(model, {**shared_at, **p}, support_x, support_y))
-    state = {name: torch.zeros_like(p) for name, p in adapting.items()}
+    # only stateful rules pay for a parameter-sized buffer per task (42 MB per task on ResNet-18)
+    state = {name: torch.zeros_like(p) for name, p in adapting.items()} if rule.has_state else {}
     for _ in range(steps):
         at = adapting if keep_graph else {name: p.detach() for name, p in adapting.items()}
-        grads = support_gradient(at)
-        adapting, state = rule.step(adapting, grads, lr, state)
+        # not bound to a name: the previous step's gradients are freed before the next ones are computed
+        adapting, state = rule.step(adapting, support_gradient(at), lr, state)
     return {**shared, **adapting}
 
 

@@ -42,7 +42,9 @@ def one_task(outcome, params, *task):
 @dataclass
 class MetaOutput:
     loss: torch.Tensor  # mean query loss after adaptation over this rank's tasks (the meta-objective, eq. 1)
-    accuracy_before: torch.Tensor  # query accuracy at the initialisation, mean over tasks (detached)
+    # query accuracy at the initialisation, mean over tasks (detached); an extra query forward per task, so it is
+    # measured only with forward(diagnostics=True), on logging steps
+    accuracy_before: torch.Tensor | None
     accuracy_after: torch.Tensor  # query accuracy after the inner loop, mean over tasks (detached)
     task_accuracies: torch.Tensor  # per-task query accuracy after adaptation, [tasks] (detached)
     # inner-loop health signals (inner.inner_diagnostics), mean over tasks; None unless forward(diagnostics=True)
@@ -85,7 +87,8 @@ class MetaLearner(nn.Module):
 
         When gradients are enabled the returned loss backpropagates the exact meta-gradient of `self.rule`
         into the backbone's parameters; under torch.no_grad the same inner loop runs for evaluation.
-        `diagnostics=True` also fills MetaOutput.diagnostics (extra gradients per task, so only when logging).
+        `diagnostics=True` also fills MetaOutput.diagnostics and accuracy_before (extra passes per task, so the
+        training loop asks only on logging steps; meta-steps without it do no work beyond the meta-gradient).
         """
         steps = self.inner_steps if inner_steps is None else int(inner_steps)
         params = dict(self.model.named_parameters())
@@ -98,19 +101,23 @@ class MetaLearner(nn.Module):
             outputs = self._all_tasks(outcome, params, support_x, support_y, query_x, query_y)
             losses, accuracies = outputs[:2]
             per_task_diagnostics = outputs[2] if diagnostics else None
-            with torch.no_grad():
-                accuracies_before = vmap(before, in_dims=(None, 0, 0))(params, query_x, query_y)
+            if diagnostics:
+                with torch.no_grad():
+                    accuracies_before = vmap(before, in_dims=(None, 0, 0))(params, query_x, query_y)
         else:
             with fused_batchnorm_kernel():  # exact outside vmap, and faster
                 results = [self._one_task(outcome, params, support_x[t], support_y[t], query_x[t], query_y[t])
                            for t in range(len(support_x))]
-                with torch.no_grad():
-                    accuracies_before = torch.stack([before(params, query_x[t], query_y[t]) for t in range(len(query_x))])
+                if diagnostics:
+                    with torch.no_grad():
+                        accuracies_before = torch.stack([before(params, query_x[t], query_y[t])
+                                                         for t in range(len(query_x))])
             losses = torch.stack([result[0] for result in results])
             accuracies = torch.stack([result[1] for result in results])
             per_task_diagnostics = ({k: torch.stack([result[2][k] for result in results]) for k in results[0][2]}
                                     if diagnostics else None)
-        return MetaOutput(loss=losses.mean(), accuracy_before=accuracies_before.mean().detach(),
+        return MetaOutput(loss=losses.mean(),
+                          accuracy_before=accuracies_before.mean().detach() if diagnostics else None,
                           accuracy_after=accuracies.mean().detach(), task_accuracies=accuracies.detach(),
                           diagnostics=({k: v.mean().detach() for k, v in per_task_diagnostics.items()}
                                        if diagnostics else None))

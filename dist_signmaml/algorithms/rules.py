@@ -47,6 +47,7 @@ class InnerRule:
     second_order: bool  # True only for MAML: support gradients keep their graph (eq. 5)
     step: Callable[[Params, Params, float, Params], tuple[Params, Params]]  # (params, grads, lr, state) -> (params, state)
     description: str
+    has_state: bool = False  # signum's momentum; stateless rules get no per-task state buffers at all
 
 
 def _stateless(update):
@@ -63,7 +64,8 @@ def make_rule(algo: str, momentum: float = 0.9) -> InnerRule:
         return InnerRule("maml", True, _stateless(sgd_step), "MAML: SGD inner step, full second-order meta-gradient (eq. 5)")
     if algo == "signum":
         return InnerRule("signum", False, lambda p, g, lr, m: signum_step(p, g, lr, m, momentum),
-                         f"Signum-MAML: sign of momentum {momentum} of support gradients, exact first-order")
+                         f"Signum-MAML: sign of momentum {momentum} of support gradients, exact first-order",
+                         has_state=True)
     raise ValueError(f"--algo={algo!r} is not known; expected one of {ALGORITHMS}")
 
 
