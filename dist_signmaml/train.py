@@ -105,7 +105,7 @@ def train(config: TrainConfig) -> dict:
     if engine.is_main:
         (Path(config.out) / "config.json").write_text(config.to_json())
     log_config_text(engine, config.to_json())
-    engine.print0(f"{learner.module.rule.description if hasattr(learner, 'module') else learner.rule.description}; "
+    engine.print0(f"{engine.unwrap(learner).rule.description}; "
                   f"{engine.world_size} process(es) on {engine.device}, tasks run with '{task_parallel}'")
 
     # Components decide their own cadence: the monitor logs every log_every steps (and asks the learner for inner-loop
