@@ -5,9 +5,11 @@
 
 Every configuration runs a real meta-step (forward, outer backward, Adam step) on real Omniglot episodes drawn once
 up front (data loading is not timed). Timed rounds are interleaved across the configurations of a setting, so
-their ratios stay meaningful on a noisy machine. Implementations:
-  ours       MetaLearner with the per-task loop (the CPU default)
-  vmap       MetaLearner with torch.func.vmap over tasks
+their ratios stay meaningful on a noisy machine. Implementations (all run the same inner loop, dist_signmaml.algorithms):
+  ours           MetaLearner with the per-task loop and the trainer's defaults (the CPU default)
+  channels_last  ours with --channels_last (NHWC convolutions)
+  compile        ours with --channels_last --compile (torch.compile, inductor; compiled before timing starts)
+  vmap           MetaLearner with torch.func.vmap over tasks (the GPU default)
   reference  the per-task clone/adapt loop of the paper's code: learn2learn's MAML.clone()/adapt() when installed
              (bench/install_learn2learn.sh), else the same loop on `higher` (bench/reference.py); the JSON says which
 """
@@ -26,7 +28,7 @@ from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR
 from dist_signmaml.data import EpisodeShape, EpisodeStream
 from dist_signmaml.models import build_backbone
 
-IMPLEMENTATIONS = ("ours", "vmap", "reference")
+IMPLEMENTATIONS = ("ours", "channels_last", "compile", "vmap", "reference")
 REFERENCE_BACKEND = "learn2learn" if learn2learn_available() else "higher"
 
 
@@ -45,8 +47,11 @@ def build_step(algo: str, implementation: str, inner_steps: int, batch, ways: in
         model = reference_conv4(channels, ways, image_size=size).to(batch.support_x.device)
         reference = CloneLoopMetaStep(model, algo, lr, inner_steps, backend=REFERENCE_BACKEND)
         return lambda: reference(*batch) and None
-    model = build_backbone("conv4", in_channels=channels, ways=ways, image_size=size).to(batch.support_x.device)
+    model = build_backbone("conv4", in_channels=channels, ways=ways, image_size=size,
+                           channels_last=implementation in ("channels_last", "compile")).to(batch.support_x.device)
     learner = MetaLearner(model, make_rule(algo), lr, inner_steps, "vmap" if implementation == "vmap" else "loop")
+    if implementation == "compile":
+        learner.compile_tasks()
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
 
     def step():
@@ -61,7 +66,7 @@ def main(ways="5", shots: int = 1, queries="1,15", inner_steps="1", meta_batch="
          implementations="ours", repeats: int = 20, warmup: int = 3, threads: int = 2, memory: bool = True,
          data: str = str(DEFAULT_DATA), out: str = ""):
     """Print JSON: per setting, each configuration's median step time (and peak memory), plus the ratios
-    sign/fo and sign/maml (ours), and implementation/ours for every other implementation.
+    sign/fo and sign/maml (ours), implementation/reference and implementation/ours.
 
     Args:
         ways, queries, inner_steps, meta_batch: comma-separated lists; every combination is a setting.
@@ -94,8 +99,10 @@ def main(ways="5", shots: int = 1, queries="1,15", inner_steps="1", meta_batch="
                 ratios[f"{a}/{b}"] = median[f"{a}@ours"] / median[f"{b}@ours"]
         for algo in algos:
             for impl in implementations:
-                if impl != "ours" and f"{algo}@ours" in median:
-                    ratios[f"{algo}: ours/{impl}"] = median[f"{algo}@ours"] / median[f"{algo}@{impl}"]
+                if impl != "reference" and f"{algo}@reference" in median:
+                    ratios[f"{algo}: {impl}/reference"] = median[f"{algo}@{impl}"] / median[f"{algo}@reference"]
+                if impl not in ("ours", "reference") and f"{algo}@ours" in median:
+                    ratios[f"{algo}: {impl}/ours"] = median[f"{algo}@{impl}"] / median[f"{algo}@ours"]
         entry["ratios"] = ratios
         results["settings"].append(entry)
         print(f"# {w}-way {q}q m={m} P={p}: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items()), flush=True)

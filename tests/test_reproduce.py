@@ -1,0 +1,194 @@
+"""bench/reproduce.py: option checking, the summary table and plots from run files, and an end-to-end smoke run of
+the image-folder harness on the real mini-ImageNet test classes (skipped, with the reason, when they are absent)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import reproduce
+from bench.reproduce import ReproduceError, grid_for, parse_setting, summarize
+from tests.conftest import REPO_ROOT, SHARED_DATA
+
+MINI_IMAGENET = SHARED_DATA / "mini-imagenet"
+
+
+def test_parse_setting_and_grid():
+    assert parse_setting("20w1s") == (20, 1)
+    assert parse_setting(" 5W5S") == (5, 5)
+    for bad in ("5w", "w1s", "5x1s", "5w1", "five"):
+        with pytest.raises(ReproduceError, match="<ways>w<shots>s"):
+            parse_setting(bad)
+    assert grid_for("sign", [0.5, 1, 2]) == [0.0025, 0.005, 0.01]
+    assert grid_for("maml", [1]) == [0.2]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"preset": "cifar"}, "preset 'cifar' is not known"),
+    ({"preset": "images"}, "--data is required"),
+    ({"preset": "omniglot", "settings": "5w1s,20w1s", "steps": "10,20,30"}, "one per setting"),
+    ({"preset": "omniglot", "algos": "sign,reptile"}, "'reptile' is not a method"),
+    ({"preset": "omniglot", "test_episodes": 0}, "--test_episodes=0 is invalid"),
+    ({"preset": "omniglot", "inner_lr": 0.1}, "--inner_lr is set by the harness"),
+    ({"preset": "omniglot", "settings": "5w1s", "backbone": "vgg"}, "--backbone='vgg' is invalid"),
+])
+def test_bad_options_fail_before_any_run(tmp_path, options, message):
+    with pytest.raises(ReproduceError, match=message):
+        reproduce.reproduce(options.pop("preset"), out=str(tmp_path / "out"), **options)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_images_preset_names_a_directory_without_shards(tmp_path):
+    with pytest.raises(ReproduceError, match=r"is not a shard directory \(no index.json\)"):
+        reproduce.reproduce("images", data=str(tmp_path), out=str(tmp_path / "out"))
+
+
+def fake_run(setting_dir, algo, *, ways, shots, accuracy, seconds, beta, grid):
+    """The files a finished pipeline leaves for one method: results.json, test.json and the sweep summary."""
+    run = setting_dir / algo
+    run.mkdir(parents=True)
+    history = [{"step": 50, "accuracy": accuracy - 0.05, "ci95": 0.02, "episodes": 100, "inner_steps": 10},
+               {"step": 100, "accuracy": accuracy, "ci95": 0.02, "episodes": 100, "inner_steps": 10}]
+    (run / "results.json").write_text(json.dumps({
+        "config": {"algo": algo, "ways": ways, "shots": shots, "inner_lr": beta, "steps": 100, "meta_batch": 4,
+                   "queries": 1, "inner_steps": 1},
+        "seconds_per_meta_iteration": {"mean": seconds, "std": seconds / 10, "count": 99},
+        "best_val": history[-1], "val_history": history}))
+    (run / "test.json").write_text(json.dumps({"accuracy": accuracy, "ci95": 0.01, "episodes": 1000, "queries": 15,
+                                               "inner_steps": 10}))
+    sweep = setting_dir / f"beta_{algo}"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({
+        "runs": [{"algo": algo, "beta": b, "val_accuracy": 0.5, "val_ci95": 0.01, "best": b == beta} for b in grid],
+        "best": {algo: beta}, "status": {algo: "done"}}))
+
+
+def test_summary_table_comparisons_and_plots(tmp_path):
+    for ways, shots, accuracies in ((5, 1, {"sign": 0.95, "fo": 0.93, "maml": 0.96}),
+                                    (20, 1, {"sign": 0.85, "fo": 0.80, "maml": 0.86})):
+        setting = tmp_path / f"{ways}w{shots}s"
+        for algo, seconds, beta in (("sign", 0.1, 0.005), ("fo", 0.1, 0.1), ("maml", 0.25, 0.2)):
+            fake_run(setting, algo, ways=ways, shots=shots, accuracy=accuracies[algo], seconds=seconds, beta=beta,
+                     grid=[beta / 2, beta, beta * 2])
+    (tmp_path / "5w1s" / "notes").mkdir()  # a stray folder is ignored
+    rows = summarize(tmp_path)
+    assert [(r["setting"], r["algo"]) for r in rows] == [("5w1s", "sign"), ("5w1s", "fo"), ("5w1s", "maml"),
+                                                         ("20w1s", "sign"), ("20w1s", "fo"), ("20w1s", "maml")]
+    summary = json.loads((tmp_path / "reproduce.json").read_text())
+    by_setting = {c["setting"]: c for c in summary["comparisons"]}
+    assert by_setting["20w1s"]["sign_minus_fo_points"] == pytest.approx(5.0)
+    assert by_setting["5w1s"]["sign_minus_maml_points"] == pytest.approx(-1.0)
+    assert by_setting["5w1s"]["sign_over_maml_time"] == pytest.approx(0.4)
+    table = (tmp_path / "reproduce.md").read_text()
+    assert "| 20-way 1-shot | sign | **0.005** (0.0025/0.005/0.01) | 100 | 85.00% @ 100 | **85.00 ± 1.00%** |" in table
+    assert "20w1s: sign − fo +5.00 points at 1.00× its time; sign − maml -1.00 points at 0.40× its time." in table
+    for png in ("accuracy.png", "sign_vs_fo.png", "5w1s/plots/accuracy_vs_step.png", "5w1s/plots/sweep.png",
+                "20w1s/plots/time_per_iteration.png"):
+        assert (tmp_path / png).stat().st_size > 10_000, png
+
+
+def test_summary_command_rejects_a_missing_directory(tmp_path):
+    finished = subprocess.run([sys.executable, "-m", "bench.reproduce", "summary", f"--out={tmp_path / 'nope'}"],
+                              capture_output=True, text=True, cwd=REPO_ROOT)
+    assert finished.returncode == 2
+    assert "an existing reproduction directory" in finished.stderr
+
+
+@pytest.mark.skipif(not (MINI_IMAGENET / "test").is_dir(),
+                    reason=f"mini-ImageNet test classes not present at {MINI_IMAGENET}/test (shared data folder absent)")
+def test_images_harness_smoke_on_mini_imagenet(tmp_path, subprocess_env):
+    """The mini-ImageNet/FS-CIFAR100 path end to end on real JPEGs: the 20 test classes split 12/4/4 (20 images
+    each, 32 px) into train/val/test shards, then two methods through beta grid, training and test."""
+    classes = sorted(p.name for p in (MINI_IMAGENET / "test").iterdir() if p.is_dir())
+    assert len(classes) == 20
+    splits = []
+    for name, members in (("train", classes[:12]), ("val", classes[12:16]), ("test", classes[16:])):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["filename", "label"])
+            for wnid in members:
+                writer.writerows([f.name, wnid] for f in sorted((MINI_IMAGENET / "test" / wnid).iterdir())[:20])
+        splits.append(f"{name}={tmp_path / f'{name}.csv'}")
+    shards = tmp_path / "shards"
+    subprocess.run([sys.executable, "-m", "shards", "build", "imagefolder", f"--source={MINI_IMAGENET / 'test'}",
+                    f"--out={shards}", f"--splits={','.join(splits)}", "--image_size=32", "--progress=False"],
+                   check=True, cwd=REPO_ROOT, env=subprocess_env, capture_output=True)
+    out = tmp_path / "reproduce"
+    command = [sys.executable, "-m", "bench.reproduce", "images", f"--data={shards}", f"--out={out}", "--ways=2",
+               "--shots=1", "--algos=sign,fo", "--steps=3", "--grid_steps=2", "--grid_scales=1", "--queries=2",
+               "--test_queries=5", "--test_episodes=6", "--eval_episodes=2", "--evals=1", "--hidden=8"]
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    summary = json.loads((out / "reproduce.json").read_text())
+    assert [(r["setting"], r["algo"]) for r in summary["rows"]] == [("2w1s", "sign"), ("2w1s", "fo")]
+    for row in summary["rows"]:
+        assert row["test_episodes"] == 6 and row["test_queries"] == 5 and row["steps"] == 3
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["seconds_per_meta_iteration"] > 0
+    test_file = out / "2w1s" / "sign" / "test.json"
+    stamp = test_file.stat().st_mtime_ns
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env)
+    assert again.returncode == 0, again.stderr
+    assert test_file.stat().st_mtime_ns == stamp  # finished stages are not redone
+    assert (out / "accuracy.png").is_file() and (out / "2w1s" / "plots" / "accuracy_vs_step.png").is_file()
+
+
+def cost_entry(ways, queries, m, p, ms: dict, memory: dict | None = None):
+    entry = {"ways": ways, "queries": queries, "inner_steps": m, "meta_batch": p, "ratios": {},
+             "step_s": {name: {"median_s": v / 1000, "q1_s": 0, "q3_s": 0, "n": 20} for name, v in ms.items()}}
+    return entry | ({"peak_memory_mib": memory} if memory else {})
+
+
+def test_cost_tables_mark_each_ratio_against_its_target(tmp_path):
+    from bench.table import tables
+
+    algos = {"machine": {"device": "cpu"}, "settings": [
+        cost_entry(5, 1, 1, 4, {"sign@ours": 100, "fo@ours": 101, "maml@ours": 300},
+                   {"sign@ours": 10.0, "fo@ours": 10.0, "maml@ours": 20.0}),
+        cost_entry(5, 1, 10, 4, {"sign@ours": 500, "fo@ours": 450, "maml@ours": 1000},
+                   {"sign@ours": 13.0, "fo@ours": 11.0, "maml@ours": 100.0}),
+        cost_entry(5, 15, 1, 4, {"sign@ours": 800, "fo@ours": 800, "maml@ours": 1000})]}
+    implementations = {"machine": {"device": "cpu"}, "settings": [
+        cost_entry(5, 1, 1, 32, {"sign@ours": 650, "sign@compile": 700, "sign@reference": 1000}),
+        cost_entry(5, 15, 1, 32, {"sign@ours": 850, "sign@reference": 1000})]}
+    (tmp_path / "a.json").write_text(json.dumps(algos))
+    (tmp_path / "i.json").write_text(json.dumps(implementations))
+    text = tables(str(tmp_path / "a.json"), str(tmp_path / "i.json"))
+    assert "| 5 | 1 | 1 | 4 | 100 | 101 | 300 | 0.99 ✓ | 0.33 ✓ |" in text
+    assert "| 5 | 1 | 10 | 4 | 500 | 450 | 1000 | 1.11 ✗ | 0.50 |" in text  # no sign/maml target at m=10
+    assert "| 5 | 15 | 1 | 4 | 800 | 800 | 1000 | 1.00 | 0.80 |" in text  # targets are for 1 query
+    assert "| 4 | 5 | 1 | sign | 10.0 | 13.0 | 1.30 ✗ |" in text
+    assert "| 4 | 5 | 1 | maml | 20.0 | 100.0 | 5.00 |" in text
+    assert "| 5 | 1 | 1 | 32 | sign | ours | 650 | 0.65 ✓ |  |" in text
+    assert "| 5 | 1 | 1 | 32 | sign | compile | 700 | 0.70 ✓ | 1.08 |" in text
+    assert "| 5 | 15 | 1 | 32 | sign | ours | 850 | 0.85 ✓ |  |" in text
+
+
+def test_finished_stages_are_skipped_and_stale_tests_redone(tmp_path, monkeypatch):
+    """Resuming: a finished run is not retrained; a test scored with other options is scored again."""
+    commands = []
+
+    def record(command, log, env, what):
+        commands.append(command)
+        if "dist_signmaml.evaluate" in command:
+            flags = dict(c[2:].split("=", 1) for c in command if c.startswith("--"))
+            (tmp_path / "run" / "test.json").write_text(json.dumps(
+                {"accuracy": 0.5, "ci95": 0.1, "episodes": int(flags["episodes"]), "queries": int(flags["queries"]),
+                 "inner_steps": int(flags["inner_steps"])}))
+
+    monkeypatch.setattr(reproduce, "run_logged", record)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    reproduce.train_final(run, "sign", 0.005, 100, 5, {}, sys.executable, {})
+    assert commands == []  # results.json: training finished
+    (run / "test.json").write_text(json.dumps({"accuracy": 0.9, "episodes": 1000, "queries": 1, "inner_steps": 10}))
+    assert reproduce.test_final(run, 1000, 1, 10, {})["accuracy"] == 0.9 and commands == []
+    assert reproduce.test_final(run, 1000, 15, 10, {})["accuracy"] == 0.5  # other query count: scored again
+    assert len(commands) == 1 and "--queries=15" in commands[0]
+    (run / "results.json").unlink()
+    reproduce.train_final(run, "maml", 0.2, 100, 5, {"ways": 20}, sys.executable, {})
+    assert "--resume=True" in commands[-1] and "--eval_every=20" in commands[-1] and "--ways=20" in commands[-1]
