@@ -1,17 +1,19 @@
 """Meta-step cost side by side: sign / fo / maml, our loop vs vmap vs a clone-loop reference; time and memory.
 
     python -m bench.cost --ways 5,20 --queries 1,15 --inner_steps 1,5,10 --meta_batch 4,32 --repeats 20
-    python -m bench.cost --implementations ours,reference --meta_batch 32     # ours vs the clone-loop reference
+    python -m bench.cost --implementations ours,compile,reference --meta_batch 32   # ours vs the clone-loop reference
+    bash bench/run.sh                                                        # every grid of the README's tables
 
 Every configuration runs a real meta-step (forward, outer backward, Adam step) on real Omniglot episodes drawn once
 up front (data loading is not timed). Timed rounds are interleaved across the configurations of a setting, so
-their ratios stay meaningful on a noisy machine. Implementations (all run the same inner loop, dist_signmaml.algorithms):
+their ratios stay meaningful on a noisy machine. Implementations (the first four run our own inner loop):
   ours           MetaLearner with the per-task loop and the trainer's defaults (the CPU default)
   channels_last  ours with --channels_last (NHWC convolutions)
   compile        ours with --channels_last --compile (torch.compile, inductor; compiled before timing starts)
   vmap           MetaLearner with torch.func.vmap over tasks (the GPU default)
-  reference  the per-task clone/adapt loop of the paper's code: learn2learn's MAML.clone()/adapt() when installed
-             (bench/install_learn2learn.sh), else the same loop on `higher` (bench/reference.py); the JSON says which
+  reference      the per-task clone/adapt loop of the paper's code: learn2learn's MAML.clone()/adapt() when
+                 installed (bench/install_learn2learn.sh), else the same loop on `higher` (bench/reference.py); the
+                 JSON says which
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The paper's accuracy comparison, reproduced: Sign-MAML vs FO-MAML vs MAML with the same budget, seed and episodes.
 
-    python -m bench.reproduce omniglot                    # Omniglot 5w1s + 20w1s on the bundled data (~2 CPU-hours)
+    python -m bench.reproduce omniglot                    # Omniglot 5w1s + 20w1s on the bundled data (~3 CPU-hours)
     python -m bench.reproduce omniglot --settings 20w1s --out runs/reproduce/omniglot   # one setting (e.g. per core)
     python -m bench.reproduce images --data SHARD_ROOT    # mini-ImageNet / FS-CIFAR100: ways {2,5,7,10} x shots 1..5
     python -m bench.reproduce summary --out runs/reproduce/omniglot   # table and plots from the finished runs
@@ -56,7 +56,7 @@ from dist_signmaml.monitor import RESULTS_JSON
 
 TEST_JSON = "test.json"
 PRESETS = {
-    # Sized to one working session on 2 CPU cores (one core per setting): see README "Reproduction".
+    # Sized to one working session on 2 CPU cores, one setting per core (~1 h for 5w1s, ~2 h for 20w1s).
     "omniglot": {"data": str(DEFAULT_DATA), "settings": "5w1s,20w1s", "steps": {"5w1s": 3000, "other": 2000},
                  "grid_steps": 200},
     # The paper's mini-ImageNet / FS-CIFAR100 grid (Table 1, Fig. 1): GPU-sized budgets.

@@ -28,8 +28,8 @@ IMPLEMENTATION_ORDER = ["ours", "channels_last", "compile", "vmap", "reference"]
 
 def mark(value: float, target: float | None) -> str:
     if target is None:
-        return f"{value:.2f}"
-    return f"{value:.2f} {'✓' if value <= target else '✗'}"
+        return f"{value:.3f}"
+    return f"{value:.3f} {'✓' if value <= target else '✗'}"
 
 
 def settings_of(paths) -> list[dict]:
@@ -72,7 +72,7 @@ def memory_table(entries: list[dict]) -> list[str]:
         return []
     steps = sorted({m for by_m in groups.values() for m in by_m})
     lines = ["| meta-batch | ways | queries | algo | " + " | ".join(f"MiB at m={m}" for m in steps)
-             + f" | m={steps[-1]} / m={steps[0]} |", "| --- " * (5 + len(steps)) + "|"]
+             + " | largest m / smallest m |", "| --- " * (5 + len(steps)) + "|"]
     for (p, w, q), by_m in sorted(groups.items()):
         for algo in ("sign", "fo", "maml"):
             name = f"{algo}@ours"

@@ -157,14 +157,14 @@ def test_cost_tables_mark_each_ratio_against_its_target(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(algos))
     (tmp_path / "i.json").write_text(json.dumps(implementations))
     text = tables(str(tmp_path / "a.json"), str(tmp_path / "i.json"))
-    assert "| 5 | 1 | 1 | 4 | 100 | 101 | 300 | 0.99 ✓ | 0.33 ✓ |" in text
-    assert "| 5 | 1 | 10 | 4 | 500 | 450 | 1000 | 1.11 ✗ | 0.50 |" in text  # no sign/maml target at m=10
-    assert "| 5 | 15 | 1 | 4 | 800 | 800 | 1000 | 1.00 | 0.80 |" in text  # targets are for 1 query
-    assert "| 4 | 5 | 1 | sign | 10.0 | 13.0 | 1.30 ✗ |" in text
-    assert "| 4 | 5 | 1 | maml | 20.0 | 100.0 | 5.00 |" in text
-    assert "| 5 | 1 | 1 | 32 | sign | ours | 650 | 0.65 ✓ |  |" in text
-    assert "| 5 | 1 | 1 | 32 | sign | compile | 700 | 0.70 ✓ | 1.08 |" in text
-    assert "| 5 | 15 | 1 | 32 | sign | ours | 850 | 0.85 ✓ |  |" in text
+    assert "| 5 | 1 | 1 | 4 | 100 | 101 | 300 | 0.990 ✓ | 0.333 ✓ |" in text
+    assert "| 5 | 1 | 10 | 4 | 500 | 450 | 1000 | 1.111 ✗ | 0.500 |" in text  # no sign/maml target at m=10
+    assert "| 5 | 15 | 1 | 4 | 800 | 800 | 1000 | 1.000 | 0.800 |" in text  # targets are for 1 query
+    assert "| 4 | 5 | 1 | sign | 10.0 | 13.0 | 1.300 ✗ |" in text
+    assert "| 4 | 5 | 1 | maml | 20.0 | 100.0 | 5.000 |" in text
+    assert "| 5 | 1 | 1 | 32 | sign | ours | 650 | 0.650 ✓ |  |" in text
+    assert "| 5 | 1 | 1 | 32 | sign | compile | 700 | 0.700 ✓ | 1.08 |" in text
+    assert "| 5 | 15 | 1 | 32 | sign | ours | 850 | 0.850 ✓ |  |" in text
 
 
 def test_finished_stages_are_skipped_and_stale_tests_redone(tmp_path, monkeypatch):
