@@ -134,8 +134,11 @@ def test_final(run_dir: Path, episodes: int, queries: int, inner_steps: int, env
     """Stage 3: the best-by-validation weights on the fixed test episodes."""
     out = run_dir / TEST_JSON
     wanted = {"episodes": episodes, "queries": queries, "inner_steps": inner_steps}
-    if out.is_file() and {k: json.loads(out.read_text()).get(k) for k in wanted} != wanted:
-        out.unlink()  # scored under other test options: score again
+    if out.is_file():
+        previous = json.loads(out.read_text())
+        if {k: previous.get(k) for k in wanted} != wanted:  # scored under other options: keep it aside, score again
+            out.rename(run_dir / f"test_{previous.get('queries')}q_{previous.get('episodes')}episodes_"
+                                 f"{previous.get('inner_steps')}steps.json")
     if not out.is_file():
         command = [sys.executable, "-m", "dist_signmaml.evaluate", str(run_dir), "--split=test",
                    f"--episodes={episodes}", f"--queries={queries}", f"--inner_steps={inner_steps}",

@@ -189,6 +189,7 @@ def test_finished_stages_are_skipped_and_stale_tests_redone(tmp_path, monkeypatc
     assert reproduce.test_final(run, 1000, 1, 10, {})["accuracy"] == 0.9 and commands == []
     assert reproduce.test_final(run, 1000, 15, 10, {})["accuracy"] == 0.5  # other query count: scored again
     assert len(commands) == 1 and "--queries=15" in commands[0]
+    assert json.loads((run / "test_1q_1000episodes_10steps.json").read_text())["accuracy"] == 0.9  # kept aside
     (run / "results.json").unlink()
     reproduce.train_final(run, "maml", 0.2, 100, 5, {"ways": 20}, sys.executable, {})
     assert "--resume=True" in commands[-1] and "--eval_every=20" in commands[-1] and "--ways=20" in commands[-1]
