@@ -53,6 +53,8 @@ import fire
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR, ConfigError, TrainConfig
 from dist_signmaml.evaluate import EVALUATION_SEED
 from dist_signmaml.monitor import RESULTS_JSON
+from dist_signmaml.sweep import SweepError
+from dist_signmaml.sweep import as_list as parse_list
 
 TEST_JSON = "test.json"
 PRESETS = {
@@ -82,12 +84,11 @@ def setting_name(ways: int, shots: int) -> str:
 
 
 def as_list(value, flag: str, convert=str) -> list:
-    """fire gives `a,b` as a tuple and `a` as a scalar; a string with commas is split."""
-    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    """dist_signmaml.sweep's parser of comma-separated flags, with this module's error type."""
     try:
-        return [convert(item) for item in items if str(item).strip()]
-    except ValueError:
-        raise ReproduceError(f"--{flag}={value!r} is invalid: expected a comma-separated list") from None
+        return parse_list(value, flag, convert)
+    except SweepError as error:
+        raise ReproduceError(str(error)) from None
 
 
 def grid_for(algo: str, scales: list[float]) -> list[float]:
@@ -171,10 +172,8 @@ def run_row(setting_dir: Path, algo: str) -> dict | None:
 def summarize(out: Path) -> list[dict]:
     """reproduce.json, reproduce.md and the plots from whatever has finished under OUT."""
     rows = []
-    for setting_dir in sorted((p for p in out.iterdir() if p.is_dir()), key=lambda p: parse_setting(p.name)
-                              if _is_setting(p.name) else (0, 0)):
-        if not _is_setting(setting_dir.name):
-            continue
+    setting_dirs = [p for p in out.iterdir() if p.is_dir() and _is_setting(p.name)]
+    for setting_dir in sorted(setting_dirs, key=lambda p: parse_setting(p.name)):
         for algo in sorted((p.name for p in setting_dir.iterdir() if p.is_dir() and p.name in DEFAULT_INNER_LR),
                            key=list(DEFAULT_INNER_LR).index):  # sign, signum, fo, maml: the paper's order
             row = run_row(setting_dir, algo)
@@ -254,10 +253,7 @@ def _plot_setting(setting_dir: Path) -> None:
 
 def plot_summary(rows: list[dict], path: Path) -> None:
     """Test accuracy ± CI (left) and seconds per meta-iteration (right), grouped by setting, one colour per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dist_signmaml.plot import plt, save
 
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     algos = list(dict.fromkeys(r["algo"] for r in rows))
@@ -279,17 +275,12 @@ def plot_summary(rows: list[dict], path: Path) -> None:
         axes.legend(fontsize=8)
     left.set(ylabel="test accuracy (%), ± 95% CI", title="Test accuracy")
     right.set(ylabel="seconds per meta-iteration", title="Cost per meta-iteration")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save(figure, path)
 
 
 def plot_sign_vs_fo(rows: list[dict], path: Path) -> None:
     """The paper's Fig. 1: sign - fo test accuracy per (ways, shots) cell; green where Sign-MAML is better."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dist_signmaml.plot import plt, save
 
     pairs = {(r["ways"], r["shots"]): {} for r in rows}
     for r in rows:
@@ -315,9 +306,7 @@ def plot_sign_vs_fo(rows: list[dict], path: Path) -> None:
     axes.set_xticks(range(len(shots)), [f"{s}-shot" for s in shots])
     axes.set_yticks(range(len(ways)), [f"{w}-way" for w in ways])
     axes.set_title("Sign-MAML test accuracy (Sign − FO in points)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save(figure, path)
 
 
 def reproduce(preset: str, *, out: str = "", data: str = "", algos="sign,fo,maml", settings="", ways="2,5,7,10",
