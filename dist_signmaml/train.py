@@ -21,7 +21,7 @@ from dist_signmaml.data import EpisodeShape, EpisodeStream, read_index, train_lo
 from dist_signmaml.data.format import ShardFormatError
 from dist_signmaml.data.episodes import usable_classes
 from dist_signmaml.engine import DistributedSetupError, Engine, completed_checkpoints
-from dist_signmaml.models import adapted_parameter_names, build_backbone, load_weights
+from dist_signmaml.models import adapted_parameter_names, build_backbone, load_weights, resolve_channels_last
 from dist_signmaml.monitor import (TrainMonitor, Validator, final_test, log_config_text, log_final_hparams,
                                    summarize_run)
 from dist_signmaml.preemption import GracefulStop, clear_preempted_marker
@@ -54,10 +54,12 @@ def build_learner(config: TrainConfig, image_shape, device) -> MetaLearner:
     """The MetaLearner of `config` for images of `image_shape` (H, W, C). `evaluate` rebuilds trained weights
     with this same function, so a meta-test runs exactly the trained model and inner loop."""
     height, width, channels = image_shape
+    channels_last, why = resolve_channels_last(config.channels_last, device)
+    print(f"memory layout: {'channels-last' if channels_last else 'NCHW'} ({why})", file=sys.stderr)
     try:
         model = build_backbone(config.backbone, in_channels=channels, ways=config.ways, hidden=config.hidden,
                                image_size=height, stem=config.stem, precision=config.precision,
-                               channels_last=config.channels_last,
+                               channels_last=channels_last,
                                activation_checkpointing=config.activation_checkpointing)
         adapted_names = adapted_parameter_names(model, config.adapt)
     except ValueError as error:
