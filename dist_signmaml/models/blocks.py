@@ -49,6 +49,15 @@ def inside_vmap() -> bool:
     return any(interpreter.key() == TransformType.Vmap for interpreter in retrieve_all_functorch_interpreters())
 
 
+def as_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """`x` with NHWC strides that the convolution recognises. For 1-channel images `x.contiguous(channels_last)`
+    keeps the NCHW strides (the bytes are the same in both layouts), and PyTorch then reads the batch as NCHW and
+    runs the first convolution, and its output, NCHW; giving the channel dim stride 1 makes it NHWC."""
+    if x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+
+
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -68,8 +77,7 @@ class Backbone(nn.Module):
     `channels_last` (set_channels_last) keeps the whole forward NHWC: the convolution weights are stored
     channels-last, and forward converts each task's images on entry. The conversion lives here, where the layout
     is chosen, rather than in the episode stream, which does not know the backbone's layout: it copies one task's
-    images once (for 1-channel images it is free, both layouts are the same bytes), against dozens of
-    convolutions over them. Every later activation, the adapted weights (w - beta * update, elementwise) and the
+    images once, against dozens of convolutions over them. Every later activation, the adapted weights (w - beta * update, elementwise) and the
     support and query gradients then stay channels-last (tested through functional_call, torch.func.grad and the
     inner step), so no layer converts back and forth.
     """
@@ -87,7 +95,7 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and not inside_vmap():  # under vmap the batching rules own the layout
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = as_channels_last(x)
         if self.precision == "fp32":
             return self.logits(x)
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
