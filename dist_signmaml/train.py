@@ -17,6 +17,7 @@ import torch
 from dist_signmaml.algorithms import MetaLearner, make_rule
 from dist_signmaml.algorithms.learner import resolve_task_parallel
 from dist_signmaml.config import DEFAULT_DATA, ConfigError, TrainConfig
+from dist_signmaml.cpu_allocator import keep_freed_memory
 from dist_signmaml.data import EpisodeShape, EpisodeStream, read_index, train_loader
 from dist_signmaml.data.format import ShardFormatError
 from dist_signmaml.data.episodes import usable_classes
@@ -54,6 +55,8 @@ def build_learner(config: TrainConfig, image_shape, device) -> MetaLearner:
     """The MetaLearner of `config` for images of `image_shape` (H, W, C). `evaluate` rebuilds trained weights
     with this same function, so a meta-test runs exactly the trained model and inner loop."""
     height, width, channels = image_shape
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # no page faults on every step's fresh graph (cpu_allocator)
     channels_last, why = resolve_channels_last(config.channels_last, device)
     print(f"memory layout: {'channels-last' if channels_last else 'NCHW'} ({why})", file=sys.stderr)
     try:

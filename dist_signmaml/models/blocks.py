@@ -45,8 +45,13 @@ def inside_function_transform() -> bool:
 
 
 def inside_vmap() -> bool:
-    """True while torch.func.vmap runs at any level of the current transform stack (vmap of grad, grad of vmap)."""
+    """True while torch.func.vmap runs at any level of the current transform stack (vmap of grad, grad of vmap).
+    Eager only: dynamo cannot trace the transform stack (callers ask torch.compiler.is_compiling() first)."""
     return any(interpreter.key() == TransformType.Vmap for interpreter in retrieve_all_functorch_interpreters())
+
+
+def under_vmap_in_eager() -> bool:
+    return not torch.compiler.is_compiling() and inside_vmap()
 
 
 def as_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +99,7 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and not inside_vmap():  # under vmap the batching rules own the layout
+        if self.channels_last and not under_vmap_in_eager():  # under vmap the batching rules own the layout
             x = as_channels_last(x)
         if self.precision == "fp32":
             return self.logits(x)
