@@ -83,3 +83,23 @@ def test_a_meta_step_reuses_freed_memory_without_page_faults_once_kept():
     assert results["default"][1] > 5_000
     assert results["keep"][0] is True and results["keep"][1] < results["default"][1] / 20
     assert keep_freed_memory() is True  # idempotent in this process
+
+
+def test_gpu_script_cpu_dry_run_writes_every_part_as_json(tmp_path):
+    """bench/gpu.sh --cpu-dry-run: the same parts as on the GPU machine at tiny sizes, one JSON folder."""
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    run = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu.sh"), "--cpu-dry-run", str(tmp_path)], cwd=REPO_ROOT,
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:] + "".join(p.read_text()[-2000:] for p in tmp_path.glob("*.log"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["dry_run"] is True
+    assert {name: part["status"] for name, part in summary["parts"].items()} == {
+        "cost_grid": "ok", "backbones": "ok", "scaling": "ok"}
+    cost = json.loads((tmp_path / "cost_grid.json").read_text())
+    assert set(cost["settings"][0]["step_s"]) == {f"sign@{i}" for i in ("nchw", "channels_last", "vmap", "reference")}
+    assert cost["machine"]["device"] != "cuda" and "load_average_1_5_15min" in cost["load_before"]
+    backbones = json.loads((tmp_path / "backbones.json").read_text())
+    assert {row["variant"] for row in backbones["rows"]} == {"fp32", "channels_last"} and not backbones["failures"]
+    scaling = json.loads((tmp_path / "scaling.json").read_text())
+    assert scaling["two_ranks"]["world_size"] == 2 and len(scaling["independent_copies"]) == 2
+    assert scaling["efficiency_vs_bound"] == pytest.approx(scaling["speedup"] / scaling["bound_speedup"], abs=2e-3)
