@@ -132,6 +132,8 @@ class TrainConfig:
         need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
         for flag in ("compile", "activation_checkpointing"):
             need(isinstance(getattr(self, flag), bool), flag, "True or False")
+        if isinstance(self.channels_last, str) and self.channels_last.lower() in ("true", "false"):
+            self.channels_last = self.channels_last.lower() == "true"  # the CLI passes lower-case words as text
         need(self.channels_last in (True, False, "auto"), "channels_last", "true, false or auto")
         need(isinstance(self.compile_backend, str) and self.compile_backend, "compile_backend", "a torch.compile backend name")
         need(not (self.activation_checkpointing and self.task_parallel == "vmap"), "task_parallel",

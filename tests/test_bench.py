@@ -80,8 +80,8 @@ def test_a_meta_step_reuses_freed_memory_without_page_faults_once_kept():
                              text=True, cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), check=True)
         applied, faults = run.stdout.split()
         results[mode] = (applied == "True", int(faults))
-    assert results["default"][1] > 5_000
-    assert results["keep"][0] is True and results["keep"][1] < results["default"][1] / 20
+    assert results["default"][1] > 2_000, results
+    assert results["keep"][0] is True and results["keep"][1] < results["default"][1] / 20, results
     assert keep_freed_memory() is True  # idempotent in this process
 
 

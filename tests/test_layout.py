@@ -188,8 +188,10 @@ def test_channels_last_auto_resolves_per_device_and_bad_values_are_named():
         resolve_channels_last("yes", "cpu")
     with pytest.raises(ConfigError, match="channels_last"):
         TrainConfig(channels_last="yes").validate()
-    for good in ("auto", True, False):
-        TrainConfig(channels_last=good).validate()
+    for given, meant in (("auto", "auto"), (True, True), (False, False), ("true", True), ("false", False)):
+        config = TrainConfig(channels_last=given)
+        config.validate()
+        assert config.channels_last == meant
 
 
 def test_one_channel_images_get_strides_that_make_the_first_convolution_channels_last():
