@@ -105,17 +105,18 @@ def write_json(result: dict, path: str | None):
 
 def bench_learner(image_shape, device, **options):
     """The trainer's own MetaLearner (build_learner) for `options` (TrainConfig fields, e.g. algo, backbone,
-    channels_last, compile), with an Adam optimizer at the trainer's outer learning rate. Per-algorithm constants
+    channels_last, compile), with the trainer's optimizer (optim.build_optimizer). Per-algorithm constants
     (the inner learning rate) come from the config's defaults, as in training."""
     try:
         from dist_signmaml.builders import build_learner
     except ImportError:  # before the builders module exists
         from dist_signmaml.train import build_learner
     from dist_signmaml.config import TrainConfig
+    from dist_signmaml.optim import build_optimizer
 
     config = TrainConfig.from_options(**options)
     learner = build_learner(config, image_shape, device).to(device)
-    return learner, torch.optim.Adam(learner.parameters(), lr=config.outer_lr)
+    return learner, build_optimizer(learner, config.outer_lr, config.inner_lr_lr)
 
 
 def meta_step(learner, optimizer, batch) -> None:
