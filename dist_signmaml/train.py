@@ -55,7 +55,7 @@ def build_learner(config: TrainConfig, image_shape, device) -> MetaLearner:
     """The MetaLearner of `config` for images of `image_shape` (H, W, C). `evaluate` rebuilds trained weights
     with this same function, so a meta-test runs exactly the trained model and inner loop."""
     height, width, channels = image_shape
-    if torch.device(device).type == "cpu":
+    if str(device).split(":")[0] == "cpu":
         keep_freed_memory()  # no page faults on every step's fresh graph (cpu_allocator)
     channels_last, why = resolve_channels_last(config.channels_last, device)
     print(f"memory layout: {'channels-last' if channels_last else 'NCHW'} ({why})", file=sys.stderr)
