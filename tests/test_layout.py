@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from dist_signmaml.algorithms import MetaLearner, make_rule
-from dist_signmaml.algorithms.rules import InnerRule, sign_step
+from dist_signmaml.algorithms.rules import InnerRule
 from dist_signmaml.config import ConfigError, TrainConfig
 from dist_signmaml.models import build_backbone, resolve_channels_last
 from dist_signmaml.models import norm
@@ -114,16 +114,26 @@ def test_conv_block_pooling_before_relu_gives_the_papers_values_and_gradients():
 
 # ---- channels-last end to end --------------------------------------------------------------------------------------
 
-def recording_sign_rule(record: dict) -> InnerRule:
+class RecordingSignRule(InnerRule):
     """Sign-MAML's rule, recording the memory format of the support gradients and of the adapted weights."""
-    def step(params, grads, lr, state):
-        adapted = sign_step(params, grads, lr)
+
+    def step(self, params, grads, lr, state):
+        adapted, state = make_rule("sign").step(params, grads, lr, state)
         for name in params:
             if grads[name].dim() == 4:
-                record.setdefault("support_gradients", []).append(grads[name].is_contiguous(memory_format=CHANNELS_LAST))
-                record.setdefault("adapted_weights", []).append(adapted[name].is_contiguous(memory_format=CHANNELS_LAST))
+                self.record.setdefault("support_gradients", []).append(
+                    grads[name].is_contiguous(memory_format=CHANNELS_LAST))
+                self.record.setdefault("adapted_weights", []).append(
+                    adapted[name].is_contiguous(memory_format=CHANNELS_LAST))
         return adapted, state
-    return InnerRule("sign", False, step, "sign, recording layouts")
+
+
+def recording_sign_rule(record: dict) -> InnerRule:
+    sign = make_rule("sign")
+    rule = RecordingSignRule(sign.name, sign.second_order, sign.direction, "sign, recording layouts",
+                             exact_first_order=sign.exact_first_order)
+    object.__setattr__(rule, "record", record)  # a frozen dataclass: the record rides along as an attribute
+    return rule
 
 
 @pytest.mark.parametrize("name,size,hidden,channels", [("conv4", 28, 8, 1), ("conv4", 84, 4, 3), ("resnet12", 32, 4, 3)])
