@@ -113,8 +113,8 @@ def build_cell(cell: dict, spec: dict, device, batch):
     and the task-parallel mode it uses. The inner learning rate is the trainer's default for the algorithm."""
     torch.manual_seed(0)
     options = dict(backbone=cell["backbone"], algo=cell["algo"], inner_steps=cell["inner_steps"], ways=spec["ways"],
-                   hidden=spec["resnet12_width"] if cell["backbone"] == "resnet12" else 0, channels_last=False,
-                   **VARIANT_OPTIONS[cell["variant"]])
+                   hidden=spec["resnet12_width"] if cell["backbone"] == "resnet12" else 0, channels_last=False)
+    options |= VARIANT_OPTIONS[cell["variant"]]
     learner, optimizer = bench_learner((spec["size"], spec["size"], 3), device, **options)
     parameters = sum(p.numel() for p in learner.model.parameters())
     return (lambda: meta_step(learner, optimizer, batch)), learner.task_parallel, parameters
