@@ -27,7 +27,8 @@ import fire
 import torch
 from torch import nn
 
-from bench.common import (bench_learner, interleaved_medians, machine, machine_load, meta_step, write_json)
+from bench.common import bench_learner, interleaved_medians, machine, machine_load, meta_step, write_json
+from bench.cost import as_list  # fire hands "1,15" over as a tuple
 from dist_signmaml.config import DEFAULT_DATA
 from dist_signmaml.data import EpisodeShape, EpisodeStream
 
@@ -77,12 +78,11 @@ def main(ways: int = 5, shots: int = 1, queries="1,15", meta_batch="4", algo: st
     GFLOP/s from the same interleaved rounds; efficiency = meta-step rate / matmul rate."""
     if algo not in FIRST_ORDER:
         raise SystemExit(f"error: --algo={algo!r}: the FLOP count covers first-order rules {FIRST_ORDER}")
-    layout_list = [name for name in str(layouts).split(",") if name]
+    layout_list = as_list(layouts, str)
     if not layout_list or set(layout_list) - set(LAYOUTS):
         raise SystemExit(f"error: --layouts={layouts!r}: expected a comma-separated subset of {tuple(LAYOUTS)}")
     torch.set_num_threads(threads)
-    query_list = [int(q) for q in str(queries).split(",") if q]
-    batch_list = [int(p) for p in str(meta_batch).split(",") if p]
+    query_list, batch_list = as_list(queries), as_list(meta_batch)
     a, b = torch.randn(matmul_size, matmul_size), torch.randn(matmul_size, matmul_size)
     steps = {"matmul": lambda: torch.mm(a, b)}
     flops = {"matmul": 2 * matmul_size ** 3}
