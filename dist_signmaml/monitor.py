@@ -166,8 +166,11 @@ def show_episode(engine, episodes, step: int) -> None:
 
 
 def log_config_text(engine, config_json: str) -> None:
-    """The resolved configuration on TensorBoard's text tab (indented: a code block in TensorBoard's Markdown)."""
-    engine.log({"config": "\n".join("    " + line for line in config_json.splitlines())}, step=0)
+    """The resolved configuration on TensorBoard's text tab (indented: a code block in TensorBoard's Markdown).
+    Written to TensorBoard only: the other trackers keep the configuration as the run's parameters."""
+    writer = engine.tensorboard_writer()
+    if writer is not None:
+        writer.add_text("config", "\n".join("    " + line for line in config_json.splitlines()), 0)
 
 
 class Validator:
@@ -279,10 +282,8 @@ def results_markdown(summary: dict) -> str:
 
 
 def log_final_hparams(engine, hparams: dict, summary: dict) -> None:
-    """The run's hyperparameters with its final metrics on TensorBoard's HPARAMS tab (sub-run 'final')."""
-    writer = engine.tensorboard_writer()
-    if writer is None:
-        return
+    """The run's final metrics, logged to every tracker at the last step, and with the hyperparameters on
+    TensorBoard's HPARAMS tab (sub-run 'final')."""
     flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
     metrics = {"final/seconds_per_meta_iteration": summary["seconds_per_meta_iteration"]["mean"]}
     for split, key in (("best_val", "final/best_val_accuracy"), ("test", "final/test_accuracy")):
@@ -290,5 +291,9 @@ def log_final_hparams(engine, hparams: dict, summary: dict) -> None:
             metrics[key] = summary[split]["accuracy"]
     if summary.get("test"):
         metrics["final/test_ci95"] = summary["test"]["ci95"]
+    engine.log(metrics, step=summary["steps"])
+    writer = engine.tensorboard_writer()
+    if writer is None:
+        return
     writer.add_hparams(flat, metrics, run_name="final")
     writer.flush()
