@@ -1,7 +1,8 @@
 """What a training run shows while it runs and leaves behind: phase timers, the metric logger, the validator (each
 deciding its own cadence, so the training loop holds no interval arithmetic), TensorBoard extras and the run summary.
 
-TensorBoard tags written here (all through Accelerate's tracker, on the main process only):
+Tags written here (all scalars through Accelerate's tracker API, so every --log_with tracker gets the same ones,
+on the main process only):
 
     train/loss, train/accuracy_after   window means over ranks and steps
     train/accuracy_before             on logging steps (an extra query pass), mean over ranks
@@ -11,7 +12,8 @@ TensorBoard tags written here (all through Accelerate's tracker, on the main pro
     inner/support_grad_norm, inner/sign_agreement, inner/moved_fraction      algorithms.inner.inner_diagnostics
     lr/outer, lr/inner                                         Adam's alpha and the inner beta
     val/accuracy, val/ci95, test/accuracy, test/ci95           fixed-episode meta-test, mean and 95% half-width
-    text: config; images: episode/support, episode/query; hparams (run "final") with the final metrics
+    final/best_val_accuracy, final/test_accuracy, final/test_ci95, final/seconds_per_meta_iteration   at the last step
+    TensorBoard only: text config; images episode/support, episode/query; hparams (run "final") with the final metrics
 """
 
 from __future__ import annotations
