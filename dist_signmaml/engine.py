@@ -19,7 +19,7 @@ from accelerate.tracking import TensorBoardTracker
 from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
 from safetensors.torch import save_file
 
-from dist_signmaml.trackers import TENSORBOARD_DIR, tracker_names
+from dist_signmaml.trackers import TENSORBOARD_DIR, tracker_names, tracker_settings
 
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_STATE = "train_state.json"  # written last: a checkpoint without it is incomplete and ignored
@@ -103,8 +103,9 @@ class Engine:
         handlers = [DistributedDataParallelKwargs(broadcast_buffers=False),
                     process_group_kwargs(self.timeout_s, deepspeed_on_cpu=bool(deepspeed) and not torch.cuda.is_available())]
         # TensorBoard is built here so that it writes to OUT/tb whatever the project name of wandb and MLflow is.
+        self.trackers = tracker_names(log_with)
         trackers = [TensorBoardTracker(TENSORBOARD_DIR, str(self.out_dir)) if name == "tensorboard" else name
-                    for name in tracker_names(log_with)]
+                    for name in self.trackers]
         self.accelerator = Accelerator(log_with=trackers or None, project_dir=str(self.out_dir),
                                        kwargs_handlers=handlers, deepspeed_plugin=deepspeed)
         self._check_world()
@@ -260,10 +261,11 @@ class Engine:
         return self.accelerator.unwrap_model(learner)
 
     # ---- tracking ---------------------------------------------------------------------------------------------
-    def start_tracking(self, hparams: dict, project: str = "dist_signmaml", settings: dict | None = None):
-        """Start the trackers (TensorBoard under OUT/tb; wandb/MLflow under `project`, with `settings` from
-        trackers.tracker_settings); tracker calls run on the main process only (Accelerate handles that)."""
+    def start_tracking(self, hparams: dict, project: str = "dist_signmaml"):
+        """Start the trackers: TensorBoard under OUT/tb; wandb and MLflow under `project`, the run named after OUT
+        (dist_signmaml/trackers.py). Tracker calls run on the main process only (Accelerate handles that)."""
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        settings = tracker_settings(self.trackers, self.out_dir, self.out_dir.resolve().name) if self.is_main else {}
         self.accelerator.init_trackers(project, config=flat, init_kwargs=settings)
 
     def log(self, values: dict, step: int):

@@ -133,7 +133,8 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
         raise EvaluationError(f"--ways={ways} does not fit {file}: its classifier head was trained for "
                               f"{trained['ways']} ways (omit --ways)")
     overrides = {"shots": shots or trained["shots"], "queries": queries or trained["queries"],
-                 "task_parallel": task_parallel}
+                 "task_parallel": task_parallel,
+                 "log_with": "", "profile_steps": ""}  # the training session's trackers and profile, not the model's
     if algo and algo != trained["algo"]:
         overrides |= {"algo": algo, "inner_lr": inner_lr}  # inner_lr 0 -> the new algo's default beta
     elif inner_lr:

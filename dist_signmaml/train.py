@@ -28,7 +28,6 @@ from dist_signmaml.monitor import (TrainMonitor, Validator, final_test, log_conf
 from dist_signmaml.manifest import RunManifest
 from dist_signmaml.preemption import GracefulStop, clear_preempted_marker
 from dist_signmaml.profiling import StepProfiler
-from dist_signmaml.trackers import tracker_names, tracker_settings
 
 
 def ensure_data(config: TrainConfig, engine: Engine) -> Path:
@@ -106,8 +105,7 @@ def train(config: TrainConfig) -> dict:
         if engine.is_main:
             clear_preempted_marker(config.out)
     engine.start_tracking(asdict(config) | {"task_parallel_resolved": task_parallel, "world_size": engine.world_size},
-                          config.project, tracker_settings(tracker_names(config.log_with), config.out,
-                                                           Path(config.out).resolve().name))
+                          config.project)
     Path(config.out).mkdir(parents=True, exist_ok=True)
     if engine.is_main:
         (Path(config.out) / "config.json").write_text(config.to_json())

@@ -199,3 +199,18 @@ def test_a_tracker_whose_package_is_missing_is_refused_not_dropped(monkeypatch):
 def test_log_with_spellings():
     assert TrainConfig.from_options(log_with=("tensorboard", "mlflow")).log_with == "tensorboard,mlflow"  # fire's tuple
     assert TrainConfig.from_options(log_with="").log_with == ""
+
+
+def test_weights_trained_with_wandb_and_mlflow_evaluate_where_neither_is_installed(tracked_run, monkeypatch, tmp_path):
+    """The trackers are the training session's, not the model's: evaluating its weights does not need them."""
+    import importlib.util
+
+    from dist_signmaml.evaluate import evaluate
+
+    out, _, _ = tracked_run
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("wandb", "mlflow") else real(name, *a))
+    result = evaluate(str(out / "model.safetensors"), split="val", episodes=2, inner_steps=1, batch=2,
+                      out=str(tmp_path / "eval.json"))
+    assert result["episodes"] == 2 and 0.0 <= result["accuracy"] <= 1.0
