@@ -19,6 +19,7 @@ from accelerate.tracking import TensorBoardTracker
 from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
 from safetensors.torch import save_file
 
+from dist_signmaml.algorithms.learner import to_export_names
 from dist_signmaml.trackers import TENSORBOARD_DIR, tracker_names, tracker_settings
 
 CHECKPOINT_DIR = "checkpoints"
@@ -311,7 +312,7 @@ class Engine:
         """The meta-initialisation (backbone weights only) as safetensors, with the config in the metadata."""
         state = self.accelerator.get_state_dict(learner)
         if self.is_main:
-            weights = {k.removeprefix("model."): v.detach().cpu().contiguous() for k, v in state.items()}
+            weights = {k: v.detach().cpu().contiguous() for k, v in to_export_names(state).items()}
             save_file(weights, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
         self.wait()
 
