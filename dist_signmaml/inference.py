@@ -22,9 +22,9 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -145,7 +145,7 @@ def _as_uint8(array: np.ndarray, shape) -> np.ndarray:
 # ---- loading an export -----------------------------------------------------------------------------------------
 
 def load(path: str | Path, *, weights: str = "best", device: str | torch.device | None = None,
-         normalization=None, crop: str = "center") -> "MetaTrainedModel":
+         normalization=None, crop: str = "center") -> MetaTrainedModel:
     """Rebuild a trained MetaLearner (backbone, inner rule, step size, adapted parameters) from its export.
 
     path           a run directory (model_best.safetensors if it validated, else model.safetensors) or a
@@ -273,7 +273,7 @@ class MetaTrainedModel:
         """The BatchNorm kernel the MetaLearner's task loop uses, so adapted weights match evaluate's bit for bit."""
         return fused_batchnorm_kernel() if self.learner.task_parallel == "loop" else contextlib.nullcontext()
 
-    def adapt(self, images, labels: Sequence[Hashable], *, steps: int | None = None) -> "AdaptedModel":
+    def adapt(self, images, labels: Sequence[Hashable], *, steps: int | None = None) -> AdaptedModel:
         """Inner steps of the trained rule on a support set (`steps` default: the run's test_inner_steps).
 
         `labels` may be any names (sorted to fix the order of the output columns) or 0..ways-1; there must be as
