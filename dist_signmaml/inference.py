@@ -31,6 +31,7 @@ import torch
 from torch.func import functional_call
 
 from dist_signmaml.algorithms.inner import adapt as inner_adapt
+from dist_signmaml.algorithms.learner import BACKBONE_PREFIX, to_learner_names
 from dist_signmaml.data.episodes import Normalizer
 from dist_signmaml.models.norm import TaskBatchNorm2d, fused_batchnorm_kernel
 
@@ -146,7 +147,8 @@ def _as_uint8(array: np.ndarray, shape) -> np.ndarray:
 
 def load(path: str | Path, *, weights: str = "best", device: str | torch.device | None = None,
          normalization=None, crop: str = "center") -> MetaTrainedModel:
-    """Rebuild a trained MetaLearner (backbone, inner rule, step size, adapted parameters) from its export.
+    """Rebuild a trained MetaLearner (backbone, inner rule, step sizes fixed or learned, adapted parameters) from
+    its export.
 
     path           a run directory (model_best.safetensors if it validated, else model.safetensors) or a
                    .safetensors file written by dist_signmaml.train
@@ -183,20 +185,15 @@ def load(path: str | Path, *, weights: str = "best", device: str | torch.device 
 
 
 def load_export(learner: torch.nn.Module, file: Path) -> None:
-    """The exported tensors into the learner. Exports store the backbone's tensors without their "model." prefix
-    and any learner-level tensor (e.g. learned inner step sizes) under its own name, so each is matched to the
-    learner's state dict by either name; nothing the learner holds is left out and nothing in the file is ignored."""
+    """The exported tensors into the learner, named back by `learner.to_learner_names` (the export's naming rule):
+    the backbone's and the learner's own (learned inner step sizes). Nothing the learner holds may be missing and
+    nothing in the file may be left over, so a file and a config that do not belong together fail loudly."""
     from safetensors.torch import load_file
 
     own = learner.state_dict()
-    state, unknown = {}, []
-    for name, tensor in load_file(str(file)).items():
-        target = "model." + name if "model." + name in own else name
-        if target in own:
-            state[target] = tensor
-        else:
-            unknown.append(name)
-    missing = sorted(set(own) - set(state))
+    state = to_learner_names(load_file(str(file)))
+    unknown = sorted(name.removeprefix(BACKBONE_PREFIX) for name in set(state) - set(own))
+    missing = sorted(name.removeprefix(BACKBONE_PREFIX) for name in set(own) - set(state))
     if unknown or missing:
         raise InferenceError(f"{file} does not fit the model its metadata describes: "
                              + "; ".join(part for part in (
@@ -204,8 +201,8 @@ def load_export(learner: torch.nn.Module, file: Path) -> None:
                                  f"missing tensors {', '.join(missing[:5])}" if missing else "") if part))
     for name, tensor in state.items():
         if tensor.shape != own[name].shape:
-            raise InferenceError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
-                                 f"{tuple(own[name].shape)}")
+            raise InferenceError(f"{file}: tensor {name.removeprefix(BACKBONE_PREFIX)!r} has shape "
+                                 f"{tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}")
     learner.load_state_dict(state)
 
 
@@ -274,7 +271,8 @@ class MetaTrainedModel:
         return fused_batchnorm_kernel() if self.learner.task_parallel == "loop" else contextlib.nullcontext()
 
     def adapt(self, images, labels: Sequence[Hashable], *, steps: int | None = None) -> AdaptedModel:
-        """Inner steps of the trained rule on a support set (`steps` default: the run's test_inner_steps).
+        """Inner steps of the trained rule on a support set (`steps` default: the run's test_inner_steps), with
+        the trained step sizes: the fixed beta, or the learned ones (steps past the trained ones reuse the last).
 
         `labels` may be any names (sorted to fix the order of the output columns) or 0..ways-1; there must be as
         many distinct labels as the head has ways. Runs `algorithms.inner.adapt`, the training inner loop.
@@ -294,7 +292,7 @@ class MetaTrainedModel:
         learner = self.learner
         with torch.no_grad(), self.batchnorm_kernel():
             params = inner_adapt(learner.model, dict(learner.model.named_parameters()), support_x, support_y,
-                                 rule=learner.rule, steps=steps, lr=learner.inner_lr, differentiate_through=False,
+                                 rule=learner.rule, steps=steps, lr=learner.step_sizes(), differentiate_through=False,
                                  adapted_names=learner.adapted_names)
         return AdaptedModel(self, {name: p.detach() for name, p in params.items()}, classes, support_x)
 

@@ -20,22 +20,33 @@ import dist_signmaml.data.episodes as episodes_module
 from dist_signmaml.config import TrainConfig
 from dist_signmaml.data import EpisodeShape, fixed_episodes, read_index
 from dist_signmaml.evaluate import EVALUATION_SEED, confidence_interval, evaluate
-from dist_signmaml.inference import InferenceError, load_export
+from dist_signmaml.inference import InferenceError
 from dist_signmaml.predict import main as predict_main
-from dist_signmaml.train import build_learner, train
+from dist_signmaml.train import train
 from tests.conftest import PYTHON, REPO_ROOT
 
 WAYS, SHOTS, QUERIES, EPISODES, STEPS = 5, 1, 3, 6, 3
 
 
+def tiny_run(out, data, **options):
+    common = {"ways": WAYS, "shots": SHOTS, "queries": QUERIES, "meta_batch": 2, "hidden": 16, "steps": 6,
+              "test_inner_steps": STEPS, "eval_every": 0, "eval_episodes": 2, "test_episodes": 0, "data": str(data),
+              "out": str(out), "seed": 3}
+    train(TrainConfig.from_options(**(common | options)))
+    return out
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, omniglot_root, one_torch_thread):
     """A 6-step 5-way 1-shot run that validates at its end (so it has model_best.safetensors)."""
-    out = tmp_path_factory.mktemp("predict") / "run"
-    train(TrainConfig.from_options(ways=WAYS, shots=SHOTS, queries=QUERIES, meta_batch=2, hidden=16, steps=6,
-                                   test_inner_steps=STEPS, eval_every=0, eval_episodes=2, test_episodes=0,
-                                   data=str(omniglot_root), out=str(out), seed=3))
-    return out
+    return tiny_run(tmp_path_factory.mktemp("predict") / "run", omniglot_root)
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory, omniglot_root, one_torch_thread):
+    """Learned step sizes per tensor and inner step (2 trained steps; the 3 test steps reuse the last sizes)."""
+    return tiny_run(tmp_path_factory.mktemp("predict") / "learned", omniglot_root, learn_inner_lr="layer_step",
+                    inner_steps=2, inner_lr_lr=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +81,10 @@ def api_accuracies(model, episodes, batchnorm="query", one_at_a_time=False) -> t
     return torch.stack(accuracies)
 
 
-def test_the_api_reproduces_evaluate_exactly(run_dir, raw_test_episodes, omniglot_root, tmp_path, one_torch_thread):
+@pytest.mark.parametrize("run", ["run_dir", "learned_run"])
+def test_the_api_reproduces_evaluate_exactly(run, raw_test_episodes, omniglot_root, tmp_path, request,
+                                             one_torch_thread):
+    run_dir = request.getfixturevalue(run)
     scored = evaluate(str(run_dir), episodes=EPISODES, inner_steps=STEPS, out=str(tmp_path / "eval.json"))
     # evaluate normalises the test split with its own statistics (index.json); given those, the API sees the
     # very same input tensors, runs the same inner loop and must count the same correct queries.
@@ -155,21 +169,26 @@ def test_every_image_form_gives_the_same_input(run_dir, raw_test_episodes, tmp_p
         model.adapt(pixels[:4], ["a", "b", "c", "d", "e"])
 
 
-def test_extra_learner_tensors_in_an_export_reach_the_learner(run_dir, tmp_path):
-    """Exports may carry learner-level tensors (learned inner step sizes): loaded into the learner, not dropped."""
-    tensors = load_file(str(run_dir / "model.safetensors"))
-    tensors["log_inner_lr"] = torch.tensor([-1.0, -2.0, -3.0])
-    file = tmp_path / "with_step_sizes.safetensors"
+def test_learned_step_sizes_come_back_with_the_weights(learned_run, run_dir, tmp_path):
+    learned = json.loads((learned_run / "results.json").read_text())["inner_lr_learned"]
+    model = dist_signmaml.load(learned_run, weights="final")
+    assert model.learner.step_size_values() == learned
+    assert any(abs(size - 0.005) > 1e-4 for sizes in learned.values() for size in sizes), "they did move"
+    fixed = dist_signmaml.load(run_dir)
+    assert fixed.learner.step_sizes() == 0.005
+
+    # a file whose tensors do not fit the model of its own metadata fails, naming them
+    tensors = load_file(str(learned_run / "model.safetensors"))
     with safe_open(str(run_dir / "model.safetensors"), framework="pt") as handle:
-        save_file(tensors, str(file), metadata=handle.metadata())
-    config = TrainConfig.from_options(**json.loads(safe_open(str(file), framework="pt").metadata()["config"]))
-    learner = build_learner(config, (28, 28, 1), "cpu")
-    with pytest.raises(InferenceError, match="unexpected tensors log_inner_lr"):
-        load_export(learner, file)
-    learner.register_parameter("log_inner_lr", torch.nn.Parameter(torch.zeros(3)))
-    load_export(learner, file)
-    assert learner.log_inner_lr.tolist() == [-1.0, -2.0, -3.0]
-    torch.testing.assert_close(learner.model.head.weight, tensors["head.weight"])
+        metadata = handle.metadata()
+    save_file(tensors, str(tmp_path / "mixed.safetensors"), metadata=metadata)
+    with pytest.raises(InferenceError, match="does not fit the model its metadata describes: unexpected tensors "
+                                             "log_inner_lr"):
+        dist_signmaml.load(tmp_path / "mixed.safetensors")
+    del tensors["log_inner_lr"], tensors["head.bias"]
+    save_file(tensors, str(tmp_path / "partial.safetensors"), metadata=metadata)
+    with pytest.raises(InferenceError, match="missing tensors head.bias"):
+        dist_signmaml.load(tmp_path / "partial.safetensors")
 
 
 def without_normalisation(run_dir, tmp_path, data: str):
