@@ -162,8 +162,11 @@ def load(path: str | Path, *, weights: str = "best", device: str | torch.device 
     from dist_signmaml.evaluate import read_metadata, weights_file
     from dist_signmaml.train import build_learner
 
-    file = weights_file(path, weights)
-    metadata = read_metadata(file)
+    try:
+        file = weights_file(path, weights)
+        metadata = read_metadata(file)
+    except ValueError as error:  # evaluate's own input errors: no such run, unreadable file, no config stored
+        raise InferenceError(str(error)) from None
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         # the tasks run one at a time here, so the rest of the training setup (compile, vmap) does not apply

@@ -134,14 +134,12 @@ def main(path: str = "", **options) -> None:
         print("error: give a run directory or a .safetensors file: python -m dist_signmaml.predict RUN_DIR "
               "--support SUPPORT_DIR --query QUERY_DIR", file=sys.stderr)
         sys.exit(2)
-    from dist_signmaml.evaluate import EvaluationError
-
     try:
         unknown = sorted(set(options) - set(predict.__kwdefaults__))
         if unknown:
             raise InferenceError(f"unknown option(s) {', '.join('--' + u for u in unknown)}")
         predict(str(path), **options)
-    except (InferenceError, EvaluationError) as error:
+    except InferenceError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -299,3 +299,12 @@ def test_cli_bad_input_is_one_line_naming_the_path(run_dir, tmp_path, capsys, op
     assert stopped.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and fragment in error and len(error.splitlines()) == 1, error
+
+
+def test_cli_names_a_run_that_is_not_there(tmp_path, capsys):
+    support, query = shape_folder(tmp_path / "S", 1, seed=0), shape_folder(tmp_path / "Q", 1, seed=1)
+    with pytest.raises(SystemExit):
+        predict_main(str(tmp_path / "no_run"), support=str(support), query=str(query))
+    error = capsys.readouterr().err.strip()
+    assert error == (f"error: {str(tmp_path / 'no_run')!r} does not exist: expected a run directory (with "
+                     f"model.safetensors) or a .safetensors file written by dist_signmaml.train")
