@@ -30,8 +30,8 @@ except ModuleNotFoundError:  # an optional extra: plot() says how to install it
 from dist_signmaml.monitor import RESULTS_JSON  # noqa: E402
 
 SWEEP_JSON = "sweep.json"
-NO_MATPLOTLIB = ("plotting needs matplotlib, which is not installed: pip install 'dist_signmaml[plot]' "
-                 "(or pip install matplotlib)")
+NO_MATPLOTLIB = ("plotting needs matplotlib, which is not installed: the [plot] extra, pip install -e '.[plot]' in "
+                 "the dist_signmaml checkout (or pip install matplotlib)")
 
 
 class PlotError(ValueError):

@@ -58,8 +58,9 @@ def test_plot_without_matplotlib_says_which_extra_to_install(tmp_path, subproces
     done = subprocess.run([PYTHON, "-c", hide], capture_output=True, text=True, env=subprocess_env, timeout=120,
                           cwd=REPO_ROOT)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [("error: plotting needs matplotlib, which is not installed: "
-                                                 "pip install 'dist_signmaml[plot]' (or pip install matplotlib)")]
+    assert done.stderr.strip().splitlines() == [
+        ("error: plotting needs matplotlib, which is not installed: the [plot] extra, pip install -e '.[plot]' in "
+         "the dist_signmaml checkout (or pip install matplotlib)")]
 
 
 def test_evaluation_files_name_weights_and_episodes_and_never_replace_another(untested_run, capsys,
