@@ -121,7 +121,8 @@ def train(config: TrainConfig) -> dict:
     # diagnostics then), the validator validates every eval_every steps and keeps the best weights.
     monitor = TrainMonitor(engine, log_every=config.log_every, last_step=config.steps, first_step=start,
                            meta_batch=config.meta_batch, inner_lr=config.inner_lr, optimizer=optimizer)
-    export_metadata = {"config": asdict(config), "image_shape": list(stream.index.image_shape)}
+    export_metadata = {"config": asdict(config), "image_shape": list(stream.index.image_shape),
+                       "normalization": {"mean": list(stream.index.mean), "std": list(stream.index.std)}}
     validator = Validator(engine, data_root / "val", shape, episodes=config.eval_episodes, every=config.eval_every,
                           last_step=config.steps, inner_steps=config.test_inner_steps,
                           tasks_per_batch=engine.tasks_per_rank(config.meta_batch), out_dir=config.out,
