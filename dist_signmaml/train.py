@@ -60,8 +60,7 @@ def build_learner(config: TrainConfig, image_shape, device) -> MetaLearner:
     height, width, channels = image_shape
     if str(device).split(":")[0] == "cpu":
         keep_freed_memory()  # no page faults on every step's fresh graph (cpu_allocator)
-    channels_last, why = resolve_channels_last(config.channels_last, device)
-    print(f"memory layout: {'channels-last' if channels_last else 'NCHW'} ({why})", file=sys.stderr)
+    channels_last, _ = resolve_channels_last(config.channels_last, device)
     try:
         model = build_backbone(config.backbone, in_channels=channels, ways=config.ways, hidden=config.hidden,
                                image_size=height, stem=config.stem, precision=config.precision,
@@ -93,6 +92,8 @@ def train(config: TrainConfig) -> dict:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     learner = build_learner(config, stream.index.image_shape, engine.device)
+    channels_last, why = resolve_channels_last(config.channels_last, engine.device)
+    engine.print0(f"memory layout: {'channels-last' if channels_last else 'NCHW'} ({why})")
     if config.weights:  # before prepare, so every rank starts from the file (DDP also broadcasts rank 0's weights)
         try:
             fresh = load_weights(learner.model, config.weights)
