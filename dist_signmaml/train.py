@@ -19,7 +19,7 @@ from dist_signmaml.algorithms.learner import resolve_task_parallel
 from dist_signmaml.config import DEFAULT_DATA, ConfigError, TrainConfig
 from dist_signmaml.data import EpisodeShape, EpisodeStream, read_index, train_loader
 from dist_signmaml.data.format import ShardFormatError
-from dist_signmaml.data.episodes import usable_classes
+from dist_signmaml.data import usable_classes
 from dist_signmaml.engine import DistributedSetupError, Engine, completed_checkpoints
 from dist_signmaml.models import adapted_parameter_names, build_backbone, load_weights
 from dist_signmaml.monitor import (TrainMonitor, Validator, final_test, log_config_text, log_final_hparams,

@@ -128,7 +128,7 @@ def episodes(split_dir: str, out: str, ways: int = 5, shots: int = 1, queries: i
     that seed scores the same tasks. Pass OUT as the split to evaluate (it is detected from its index.json).
     The default seed is the one `dist_signmaml.evaluate` draws its fixed episodes with (EVALUATION_SEED).
     """
-    from shards.episodes import materialise
+    from shards.episode_writer import materialise
 
     try:
         index = materialise(split_dir, out, ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed,

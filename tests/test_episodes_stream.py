@@ -14,7 +14,7 @@ import torch
 
 from dist_signmaml.data import EpisodeShape, EpisodeStream, fixed_episodes, read_episode_index, train_loader
 from dist_signmaml.data.format import read_index
-from shards.episodes import materialise
+from shards.episode_writer import materialise
 from tests.shard_fixtures import trace, write_identifiable_split
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The shard format, defined once. `shards/` writes it, `dist_signmaml.data.episodes` reads it.
+"""The shard format, defined once. `shards/` writes it, `dist_signmaml.data.episode_loader` reads it.
 
 Full description with examples: docs/shard_format.md. In short, a dataset split is a directory:
 

@@ -145,21 +145,21 @@ class EpisodeStream(IterableDataset):
         self.index = read_index(split_dir)
         self.shape, self.tasks_per_batch, self.seed = shape, int(tasks_per_batch), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.streams = max(1, int(num_workers))  # virtual workers: identical schedule with 0 or 1 worker
+        self.loader_workers = max(1, int(num_workers))  # virtual workers: identical schedule with 0 or 1 worker
         self.start_batch, self.window_shards = int(start_batch), int(window_shards)
         self.class_sampling, self.on_bad_sample = class_sampling, on_bad_sample
         self.normalize = Normalizer(self.index.mean, self.index.std)
         self.usable = usable_classes(self.index, shape, split_dir)
-        slices = self.world_size * self.streams
+        slices = self.world_size * self.loader_workers
         if len(self.index.shards) < slices:
             raise ValueError(f"{split_dir} has {len(self.index.shards)} shards but {self.world_size} ranks x "
-                             f"{self.streams} loader workers need at least {slices} (one each, disjoint); rebuild "
+                             f"{self.loader_workers} loader workers need at least {slices} (one each, disjoint); rebuild "
                              f"the shards smaller (--shard_mb) or use fewer workers")
         per_shard = {name: 0 for name in self.index.shards}
         for name in self.usable:
             per_shard[self.index.classes[name][0]] += 1
         self.classes_per_shard = per_shard
-        for stream in range(self.streams):
+        for stream in range(self.loader_workers):
             own = self.own_shards(stream)
             smallest_window = sum(sorted(per_shard[s] for s in own)[: self.window_shards])
             if smallest_window < shape.ways:
@@ -170,18 +170,18 @@ class EpisodeStream(IterableDataset):
         self.batches_per_shard = int(batches_per_shard) or max(1, math.ceil(mean_classes / (shape.ways * self.tasks_per_batch)))
         self._cache: dict[str, dict[str, np.ndarray]] = {}
         self._bad: BadSamples | None = None  # created in the process that reads (a DataLoader worker or this one)
-        self._bad_counts = torch.zeros(self.streams, dtype=torch.int64).share_memory_()
+        self._bad_counts = torch.zeros(self.loader_workers, dtype=torch.int64).share_memory_()
         self.shards_loaded = 0  # shard reads by this process (a window slide re-reads only the new shards)
 
     # ---- the schedule: a pure function of (seed, rank, world size, workers, batch) ------------------------------
     def own_shards(self, stream: int) -> list[str]:
         """The shards of (this rank, virtual worker `stream`): disjoint across all ranks and workers."""
-        slot = self.rank * self.streams + stream
-        return list(self.index.shards[slot:: self.world_size * self.streams])
+        slot = self.rank * self.loader_workers + stream
+        return list(self.index.shards[slot:: self.world_size * self.loader_workers])
 
     def window(self, batch: int) -> list[str]:
         """Shards in memory when batch `batch` is drawn (a function of `batch` alone)."""
-        stream, local = batch % self.streams, batch // self.streams
+        stream, local = batch % self.loader_workers, batch // self.loader_workers
         own = self.own_shards(stream)
         if len(own) <= self.window_shards:
             return own
@@ -230,7 +230,7 @@ class EpisodeStream(IterableDataset):
         return pool
 
     def batch(self, b: int) -> Episodes:
-        pool = self._pool(self.window(b), b % self.streams)
+        pool = self._pool(self.window(b), b % self.loader_workers)
         rng = np.random.default_rng([self.seed, self.rank, b])
         tasks = [draw_episode(rng, pool, self.shape, self.class_sampling) for _ in range(self.tasks_per_batch)]
         return stack_tasks(tasks, self.normalize)
@@ -249,7 +249,7 @@ class EpisodeStream(IterableDataset):
         the same values at start_batch=next_batch yields exactly the batches an uninterrupted stream would have."""
         shards = hashlib.sha256("".join(self.index.shard_sha256[s] for s in self.index.shards).encode()).hexdigest()
         return {"next_batch": int(next_batch), "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "workers": self.streams, "ways": self.shape.ways, "shots": self.shape.shots,
+                "workers": self.loader_workers, "ways": self.shape.ways, "shots": self.shape.shots,
                 "queries": self.shape.queries, "tasks_per_batch": self.tasks_per_batch,
                 "window_shards": self.window_shards, "batches_per_shard": self.batches_per_shard,
                 "class_sampling": self.class_sampling, "shards_sha256": shards}
@@ -265,8 +265,8 @@ class EpisodeStream(IterableDataset):
 def train_loader(stream: EpisodeStream, num_workers: int) -> DataLoader:
     """A DataLoader over an EpisodeStream (already batched). Not to be passed to accelerator.prepare: the stream
     splits ranks itself, and prepare would re-shard or broadcast on top."""
-    if max(1, num_workers) != stream.streams:
-        raise ValueError(f"the stream was built for {stream.streams} workers, the loader has {num_workers}")
+    if max(1, num_workers) != stream.loader_workers:
+        raise ValueError(f"the stream was built for {stream.loader_workers} workers, the loader has {num_workers}")
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None)
 
