@@ -51,9 +51,10 @@ class EpisodeShape:
 
 
 def load_shard_classes(index: SplitIndex, shard: str, bad: BadSamples | None = None) -> dict[str, np.ndarray]:
-    """All classes of one shard of `index`, decoded without unpickling and checked against the index:
-    name -> uint8 [n,H,W,C]."""
-    return read_class_shard(index.root / shard, index.image_shape, bad, index.shard_contents[shard])
+    """All classes of one shard of `index`, decoded without unpickling and checked against the index (content,
+    size and sha256, hashed while it streams): name -> uint8 [n,H,W,C]."""
+    return read_class_shard(index.location(shard), index.image_shape, bad, index.shard_contents[shard],
+                            sha256=index.shard_sha256[shard], size=index.shard_bytes[shard])
 
 
 def plan_episode(rng: np.random.Generator, class_sizes: Sequence[int], shape: EpisodeShape,
@@ -324,9 +325,9 @@ def stored_episodes(episode_dir, shape: EpisodeShape, episode_ids, *, tasks_per_
         shard, _ = index.locate(episode_id)
         if shard != loaded_shard:
             loaded_shard = shard
-            loaded = {e.id: e for e in read_episode_shard(index.root / index.shards[shard], index, bad)}
+            loaded = {e.id: e for e in read_episode_shard(index.location(index.shards[shard]), index, bad)}
         if episode_id not in loaded:
-            bad(ShardFormatError(f"{index.root / index.shards[shard]}: episode {episode_id} is missing"))
+            bad(ShardFormatError(f"{index.location(index.shards[shard])}: episode {episode_id} is missing"))
             continue
         episode = loaded[episode_id]
         batch.append((episode.support, labels_s, episode.query, labels_q))
