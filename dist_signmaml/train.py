@@ -134,9 +134,8 @@ def train(config: TrainConfig) -> dict:
         output = engine.meta_step(learner, optimizer, episodes, phase=monitor.phase,
                                   diagnostics=monitor.should_log(step))
         monitor.record(step, episodes, output)
-        if config.on_bad_sample == "skip" and monitor.should_log(step):  # summed over ranks (each counts its shards)
-            skipped = engine.mean_over_ranks({"n": train_stream.bad_samples_skipped})["n"] * engine.world_size
-            engine.log({"data/bad_samples_skipped": round(skipped)}, step=step)
+        if config.on_bad_sample == "skip" and monitor.should_log(step):  # every rank walks the whole split and
+            engine.log({"data/bad_samples_skipped": train_stream.bad_samples_skipped}, step=step)  # meets the same
         if validator.should_validate(step):
             validator.validate(learner, step)
         if stop.requested() and step != config.steps:  # voted across ranks, so all save the same step

@@ -1,12 +1,16 @@
-"""Streaming few-shot episodes from class-grouped shards, with a per-(rank, worker) disjoint, resumable schedule.
+"""Streaming few-shot episodes from class-grouped shards, with a resumable schedule whose task distribution does
+not depend on the number of ranks or loader workers.
 
-Design in one paragraph. Each (rank, loader worker) owns a disjoint slice of the shards and walks an endless,
-seeded sequence of them (a fresh permutation every cycle). At any moment it holds only a *window* of the last
-`window_shards` shards in memory, and meta-batch `b` is drawn from the window with an RNG seeded by
-(seed, rank, b). Which shards are in the window is itself a function of `b`, so the whole stream is a pure
-function of (seed, rank, world size, workers, b): resuming at batch `b` only re-reads the window's shards, and
-sees exactly the episodes an uninterrupted run would have seen. Memory is bounded by the window, never by the
-dataset: at most `window_shards` shards are decoded at any time (each shard is at most ~`--shard_mb`, or one class).
+Design in one paragraph. Each (rank, loader worker) walks its own endless, seeded sequence of permutations of the
+whole split's shards. At any moment it holds only a *window* of `window_shards` consecutive shards of that sequence
+in memory (a split of at most `window_shards` shards is held whole), and meta-batch `b` is drawn from the window
+with an RNG seeded by (seed, rank, b). Which shards are in the window is itself a function of `b`, so the whole
+stream is a pure function of (seed, rank, world size, workers, b): resuming at batch `b` only re-reads the window's
+shards, and sees exactly the episodes an uninterrupted run would have seen. Windows are drawn from the whole split
+on every rank, so every class combination can occur on every rank, as with one process (an endless resampled
+stream gains nothing from disjoint slices). Memory is bounded by the window, never by the dataset: at most
+`window_shards` shards are decoded at any time (each shard is at most ~`--shard_mb`, or one class). The rule is
+stated for users in docs/data.md.
 """
 
 from __future__ import annotations
@@ -119,9 +123,26 @@ def usable_classes(index: SplitIndex, shape: EpisodeShape, split_dir) -> set[str
         warnings.warn(f"{split_dir}: {len(excluded)} classes have fewer than shots+queries="
                       f"{shape.images_per_class} images and are left out: {shown}", stacklevel=2)
     if len(usable) < shape.ways:
+        split = str(split_dir).rstrip("/").rsplit("/", 1)[-1]
+        evaluation = "" if split == "train" else "; or do without this split: --eval_episodes 0 --test_episodes 0"
         raise ValueError(f"--ways={shape.ways} needs {shape.ways} classes with at least shots+queries="
-                         f"{shape.images_per_class} images, but {split_dir} has only {len(usable)}")
+                         f"{shape.images_per_class} images, but {split_dir} has only {len(usable)}: use --ways "
+                         f"{len(usable)} or fewer, fewer --shots/--queries, or a split with more classes{evaluation}")
     return usable
+
+
+def check_window(index: SplitIndex, classes_per_shard: dict[str, int], ways: int, window_shards: int, split_dir) -> None:
+    """Every window of `window_shards` shards must hold `ways` usable classes; else say which option would do."""
+    counts = sorted(classes_per_shard.values())
+    smallest = sum(counts[:window_shards])
+    if smallest >= ways:
+        return
+    needed = next(k for k in range(1, len(counts) + 1) if sum(counts[:k]) >= ways)  # all together hold >= ways
+    per_class_mb = max(index.shard_bytes[s] / max(1, len(c)) for s, c in index.shard_contents.items()) / 1e6
+    shard_mb = math.ceil(per_class_mb * math.ceil(ways / window_shards) * 1.05 + 0.5)
+    raise ValueError(f"--ways={ways}: the smallest window of --window_shards={window_shards} shards of {split_dir} "
+                     f"holds only {smallest} usable classes; use --window_shards {needed}, fewer --ways, or rebuild "
+                     f"the split with bigger shards (shards build --shard_mb {shard_mb})")
 
 
 def check_policy(class_sampling: str, on_bad_sample: str) -> None:
@@ -136,7 +157,7 @@ class EpisodeStream(IterableDataset):
     With a DataLoader of `num_workers` workers, worker i produces batches start_batch + i, + num_workers, ...,
     which is the order the DataLoader hands them out in, so batch b is always the b-th batch of the rank.
     `on_bad_sample="skip"` drops unreadable samples with a warning instead of failing; `bad_samples_skipped` counts
-    them over all of this rank's workers (a shared-memory counter, so the training loop can log it).
+    them (a shared-memory counter per loader worker, so the training loop can log it).
     """
 
     def __init__(self, split_dir, shape: EpisodeShape, tasks_per_batch: int, *, seed: int, rank: int = 0,
@@ -151,21 +172,11 @@ class EpisodeStream(IterableDataset):
         self.class_sampling, self.on_bad_sample = class_sampling, on_bad_sample
         self.normalize = Normalizer(self.index.mean, self.index.std)
         self.usable = usable_classes(self.index, shape, split_dir)
-        slices = self.world_size * self.loader_workers
-        if len(self.index.shards) < slices:
-            raise ValueError(f"{split_dir} has {len(self.index.shards)} shards but {self.world_size} ranks x "
-                             f"{self.loader_workers} loader workers need at least {slices} (one each, disjoint); rebuild "
-                             f"the shards smaller (--shard_mb) or use fewer workers")
         per_shard = {name: 0 for name in self.index.shards}
         for name in self.usable:
             per_shard[self.index.classes[name][0]] += 1
         self.classes_per_shard = per_shard
-        for stream in range(self.loader_workers):
-            own = self.own_shards(stream)
-            smallest_window = sum(sorted(per_shard[s] for s in own)[: self.window_shards])
-            if smallest_window < shape.ways:
-                raise ValueError(f"--ways={shape.ways}: rank {self.rank} worker {stream} owns shards {own} whose "
-                                 f"smallest window of {self.window_shards} holds only {smallest_window} usable classes")
+        check_window(self.index, per_shard, shape.ways, self.window_shards, split_dir)
         mean_classes = len(self.usable) / len(self.index.shards)
         # By default a shard stays in the window until about as many classes as it holds have been drawn.
         self.batches_per_shard = int(batches_per_shard) or max(1, math.ceil(mean_classes / (shape.ways * self.tasks_per_batch)))
@@ -175,25 +186,28 @@ class EpisodeStream(IterableDataset):
         self.shards_loaded = 0  # shard reads by this process (a window slide re-reads only the new shards)
 
     # ---- the schedule: a pure function of (seed, rank, world size, workers, batch) ------------------------------
-    def own_shards(self, stream: int) -> list[str]:
-        """The shards of (this rank, virtual worker `stream`): disjoint across all ranks and workers."""
-        slot = self.rank * self.loader_workers + stream
-        return list(self.index.shards[slot:: self.world_size * self.loader_workers])
-
     def window(self, batch: int) -> list[str]:
-        """Shards in memory when batch `batch` is drawn (a function of `batch` alone)."""
+        """Shards in memory when batch `batch` is drawn (a function of `batch` alone).
+
+        Every (rank, virtual worker) walks its own seeded sequence of permutations of the *whole* split and holds
+        `window_shards` consecutive distinct shards of it, sliding by one every `batches_per_shard` batches; a split
+        of at most `window_shards` shards is held whole. So the task distribution is the same on every rank and
+        for any number of ranks and workers: any class combination that fits in a window can occur anywhere."""
         stream, local = batch % self.loader_workers, batch // self.loader_workers
-        own = self.own_shards(stream)
-        if len(own) <= self.window_shards:
-            return own
-        first = local // self.batches_per_shard
-        names = []
-        for position in range(first, first + self.window_shards):
-            cycle, offset = divmod(position, len(own))
-            order = np.random.default_rng([self.seed, self.rank, stream, cycle, 7]).permutation(len(own))
-            name = own[order[offset]]
+        shards = self.index.shards
+        if len(shards) <= self.window_shards:
+            return list(shards)
+        names: list[str] = []
+        position = local // self.batches_per_shard
+        orders: dict[int, np.ndarray] = {}
+        while len(names) < self.window_shards:  # at a cycle boundary a shard can repeat: take the next one instead
+            cycle, offset = divmod(position, len(shards))
+            if cycle not in orders:
+                orders[cycle] = np.random.default_rng([self.seed, self.rank, stream, cycle, 7]).permutation(len(shards))
+            name = shards[orders[cycle][offset]]
             if name not in names:
                 names.append(name)
+            position += 1
         return names
 
     def __getstate__(self):
@@ -212,8 +226,9 @@ class EpisodeStream(IterableDataset):
 
     @property
     def bad_samples_skipped(self) -> int:
-        """Distinct unreadable samples skipped so far by all loader workers of this rank (0 unless policy 'skip')."""
-        return int(self._bad_counts.sum())
+        """Distinct unreadable samples skipped so far (0 unless policy 'skip'): the most any loader worker of this
+        rank has met, since every worker walks the whole split and so meets the same bad samples."""
+        return int(self._bad_counts.max())
 
     def _pool(self, shard_names: list[str], stream: int) -> list[np.ndarray]:
         for stale in set(self._cache) - set(shard_names):
