@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -70,6 +71,8 @@ class TrainConfig:
     test_episodes: int = _field(200, "fixed test-split episodes scored at the end with the best weights (0 = skip; paper: 1000)")
     zero_stage: int = _field(0, "0 = DDP; 1 or 2 = DeepSpeed ZeRO stage (launch with `accelerate launch --use_deepspeed`)")
     dist_timeout: float = _field(300.0, "seconds a collective waits for a dead or hung rank before the run fails")
+    cache_dir: str = _field("", "with --data on object storage: keep verified copies of the shards here ('' = stream each read)")
+    cache_gb: float = _field(0.0, "size bound of --cache_dir in GB; least recently used shards go first (0 = no bound)")
 
     def __post_init__(self):
         if self.inner_lr == 0.0 and self.algo in DEFAULT_INNER_LR:
@@ -112,6 +115,9 @@ class TrainConfig:
         need(self.zero_stage in (0, 1, 2), "zero_stage", "0 (DDP), 1 or 2; ZeRO-3 partitions the parameters, which "
              "the functional inner loop needs whole")
         need(isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0, "dist_timeout", "a positive number of seconds")
+        need(isinstance(self.cache_dir, str), "cache_dir", "'' or a local folder")
+        need(isinstance(self.cache_gb, (int, float)) and not isinstance(self.cache_gb, bool) and self.cache_gb >= 0
+             and math.isfinite(self.cache_gb), "cache_gb", "a number of GB >= 0")
         self._validate_backbone_options(need)
 
     def _validate_backbone_options(self, need) -> None:

@@ -19,6 +19,7 @@ from dist_signmaml.algorithms.learner import resolve_task_parallel
 from dist_signmaml.config import DEFAULT_DATA, ConfigError, TrainConfig
 from dist_signmaml.data import EpisodeShape, EpisodeStream, read_index, train_loader
 from dist_signmaml.data.format import ShardFormatError
+from dist_signmaml.data.storage import data_root
 from dist_signmaml.data import usable_classes
 from dist_signmaml.engine import DistributedSetupError, Engine, completed_checkpoints
 from dist_signmaml.models import adapted_parameter_names, build_backbone, load_weights
@@ -29,7 +30,10 @@ from dist_signmaml.preemption import GracefulStop, clear_preempted_marker
 
 def ensure_data(config: TrainConfig, engine: Engine) -> Path:
     """The shard root; the bundled Omniglot shards are built on first use (main process first, others wait)."""
-    root = Path(config.data)
+    try:
+        root = data_root(config.data)  # a local Path, or a Url for object storage (s3://, gs://, https://)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if root.resolve() == DEFAULT_DATA.resolve():
         with engine.main_process_first():
             if engine.is_main and not all((root / s / "index.json").is_file() for s in ("train", "val", "test")):
@@ -77,7 +81,8 @@ def train(config: TrainConfig) -> dict:
     make_stream = lambda start: EpisodeStream(  # noqa: E731 - one stream per (re)start position
         data_root / "train", shape, engine.tasks_per_rank(config.meta_batch), seed=config.seed, rank=engine.rank,
         world_size=engine.world_size, num_workers=config.workers, start_batch=start, window_shards=config.window_shards,
-        class_sampling=config.class_sampling, on_bad_sample=config.on_bad_sample)
+        class_sampling=config.class_sampling, on_bad_sample=config.on_bad_sample, cache_dir=config.cache_dir or None,
+        cache_gb=config.cache_gb)
     try:
         stream = make_stream(0)  # validates ways / shots+queries against the split before any step
     except ValueError as error:

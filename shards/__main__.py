@@ -83,7 +83,7 @@ def inspect(path: str, json_output: bool = False):
 
     try:
         facts = [summary(d) for d in split_dirs(path)]
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         _fail(str(error))
     if json_output:
         print(json.dumps(facts, indent=1))
@@ -98,18 +98,19 @@ def inspect(path: str, json_output: bool = False):
 
 
 def verify(path: str):
-    """Check every shard in PATH against its index: checksums, decodability (no unpickling), counts. Exit 1 on problems."""
+    """Check every shard in PATH (a folder, or s3://, gs://, https:// URL) against its index: checksums,
+    decodability (no unpickling), counts. Exit 1 on problems."""
     from shards.checks import split_dirs, verify_split
 
     try:
         dirs = split_dirs(path)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         _fail(str(error))
     failed = 0
     for split_dir in dirs:
         try:
             problems, counts = verify_split(split_dir)
-        except (ShardFormatError, FileNotFoundError) as error:
+        except (ShardFormatError, OSError) as error:
             problems, counts = [str(error)], {}
         for problem in problems:
             print(f"PROBLEM {problem}")

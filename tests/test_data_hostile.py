@@ -91,7 +91,7 @@ def test_fifo_and_device_shards_are_refused_at_once_and_the_trailer_scan_is_boun
     outcome = finishes(lambda: read_class_shard(device))
     assert "a character device; shards and indexes must be regular files" in str(outcome["error"])
     problems = finishes(lambda: verify_split(split))["value"][0]
-    assert f"{fifo}: cannot read shard ({fifo}: a FIFO; shards and indexes must be regular files)" in problems
+    assert f"{fifo}: a FIFO; shards and indexes must be regular files" in problems
     assert any(str(device) in p and "a character device" in p for p in problems)
     # a real shard followed by megabytes of zeros is not a shard either (and the scan stops after the bound)
     padded = tmp_path / "padded.tar"

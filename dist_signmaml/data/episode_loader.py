@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dist_signmaml.data.storage import ShardOpener
 from dist_signmaml.data.format import (KIND_EPISODES, BadSamples, ShardFormatError, SplitIndex, index_kind,
                                        read_class_shard, read_episode_index, read_episode_shard, read_index)
 
@@ -54,11 +55,12 @@ class EpisodeShape:
         return self.shots + self.queries
 
 
-def load_shard_classes(index: SplitIndex, shard: str, bad: BadSamples | None = None) -> dict[str, np.ndarray]:
+def load_shard_classes(index: SplitIndex, shard: str, bad: BadSamples | None = None,
+                       opener: ShardOpener | None = None) -> dict[str, np.ndarray]:
     """All classes of one shard of `index`, decoded without unpickling and checked against the index (content,
     size and sha256, hashed while it streams): name -> uint8 [n,H,W,C]."""
     return read_class_shard(index.location(shard), index.image_shape, bad, index.shard_contents[shard],
-                            sha256=index.shard_sha256[shard], size=index.shard_bytes[shard])
+                            sha256=index.shard_sha256[shard], size=index.shard_bytes[shard], opener=opener)
 
 
 def plan_episode(rng: np.random.Generator, class_sizes: Sequence[int], shape: EpisodeShape,
@@ -162,8 +164,10 @@ class EpisodeStream(IterableDataset):
 
     def __init__(self, split_dir, shape: EpisodeShape, tasks_per_batch: int, *, seed: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, start_batch: int = 0, window_shards: int = 8,
-                 batches_per_shard: int = 0, class_sampling: str = "balanced", on_bad_sample: str = "error"):
+                 batches_per_shard: int = 0, class_sampling: str = "balanced", on_bad_sample: str = "error",
+                 cache_dir: str | None = None, cache_gb: float = 0.0):
         check_policy(class_sampling, on_bad_sample)
+        self.opener = ShardOpener(cache_dir, cache_gb)  # local files, or object storage with an optional verified cache
         self.index = read_index(split_dir)
         self.shape, self.tasks_per_batch, self.seed = shape, int(tasks_per_batch), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
@@ -236,7 +240,7 @@ class EpisodeStream(IterableDataset):
         pool = []
         for name in shard_names:
             if name not in self._cache:
-                self._cache[name] = load_shard_classes(self.index, name, self._bad_samples(stream))
+                self._cache[name] = load_shard_classes(self.index, name, self._bad_samples(stream), self.opener)
                 self.shards_loaded += 1
             pool.extend(images for cls, images in sorted(self._cache[name].items())
                         if cls in self.usable and len(images) >= self.shape.images_per_class)

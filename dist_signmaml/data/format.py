@@ -43,6 +43,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from dist_signmaml.data import storage
+
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 SHARD_PATTERN = "shard-%06d.tar"
@@ -213,11 +215,12 @@ def _check_trailer(reader: HashingReader, end: int, url: str, last: str) -> Shar
     return None
 
 
-def iter_raw_samples(path, kind: str = KIND_CLASSES, *, sha256: str | None = None,
-                     size: int | None = None) -> Iterator[dict | ShardFormatError]:
+def iter_raw_samples(path, kind: str = KIND_CLASSES, *, sha256: str | None = None, size: int | None = None,
+                     opener: Callable | None = None) -> Iterator[dict | ShardFormatError]:
     """Stream the samples of one shard as dicts {"__key__", "__url__", suffix: bytes}, without extracting anything.
 
-    `path` is a shard location (see `storage`); `sha256` and `size` are what the index says of the shard: the bytes
+    `path` is a shard location, opened by `opener` (default `storage.open_shard`; a `storage.ShardOpener` adds a
+    verified local cache); `sha256` and `size` are what the index says of the shard: the bytes
     are hashed while they stream, and no member bigger than the shard is ever read (without a size, a member may
     have at most MAX_MEMBER_BYTES). Problems confined to one sample (an unexpected member name, a link, a duplicate
     member) are *yielded* as ShardFormatError values so the caller can skip that sample and go on; problems that
@@ -227,8 +230,6 @@ def iter_raw_samples(path, kind: str = KIND_CLASSES, *, sha256: str | None = Non
     Python's tarfile is used in pure streaming mode ("r|"): it reads headers and bytes in order and never touches the
     file system, and "r|" refuses compressed streams, so a decompression bomb cannot be smuggled in.
     """
-    from dist_signmaml.data import storage
-
     url = str(path)
     allowed = MEMBERS[kind]
     current: dict | None = None
@@ -246,9 +247,9 @@ def iter_raw_samples(path, kind: str = KIND_CLASSES, *, sha256: str | None = Non
         return None
 
     try:
-        handle, found_size = storage.open_shard(path)
-    except OSError as error:
-        yield ShardFormatError(f"{url}: cannot read shard ({error})")
+        handle, found_size = (opener or storage.open_shard)(path, sha256, size)
+    except OSError as error:  # the message names the location: missing, not a regular file, unreachable
+        yield ShardFormatError(str(error))
         return
     with handle:
         if size and found_size is not None and found_size != size:
@@ -309,6 +310,8 @@ def iter_raw_samples(path, kind: str = KIND_CLASSES, *, sha256: str | None = Non
                                          f"{reader.digest.hexdigest()[:16]}..., the index says {sha256[:16]}...)")
         except ShardFormatError as error:
             yield error
+        except storage.StorageError as error:  # a remote read that failed for good (retries spent)
+            yield ShardFormatError(str(error))
         except _OversizedHeader as error:
             yield ShardFormatError(f"{url}: {error} after member {shown(last)}")
         except (tarfile.TarError, EOFError, OSError) as error:
@@ -470,7 +473,7 @@ class ClassAssembler:
 
 def read_class_shard(path, image_shape=None, bad: BadSamples | None = None,
                      expected: dict[str, int] | None = None, *, sha256: str | None = None,
-                     size: int | None = None) -> dict[str, np.ndarray]:
+                     size: int | None = None, opener: Callable | None = None) -> dict[str, np.ndarray]:
     """All classes of one class shard: name -> uint8 [n, H, W, C] (chunks of a class concatenated in order).
 
     With `expected` (class name -> image count, from the index) the content must match it exactly: a class that is
@@ -480,7 +483,7 @@ def read_class_shard(path, image_shape=None, bad: BadSamples | None = None,
     assembler = ClassAssembler(str(path))
     broken: set[str] = set()
     skipped = 0
-    for item in iter_raw_samples(path, KIND_CLASSES, sha256=sha256, size=size):
+    for item in iter_raw_samples(path, KIND_CLASSES, sha256=sha256, size=size, opener=opener):
         try:
             if isinstance(item, ShardFormatError):
                 if isinstance(item, ShardChecksumError):
@@ -513,13 +516,13 @@ def read_class_shard(path, image_shape=None, bad: BadSamples | None = None,
 
 
 def read_episode_shard(path, index: "EpisodeIndex", bad: BadSamples | None = None, *,
-                       verify: bool = True) -> list[StoredEpisode]:
+                       opener: Callable | None = None) -> list[StoredEpisode]:
     """The episodes of one episode shard (all of them: a checksum mismatch, found at the end, drops the shard)."""
     bad = bad or BadSamples("error")
     name = str(path).rsplit("/", 1)[-1]
     episodes = []
-    for item in iter_raw_samples(path, KIND_EPISODES, sha256=index.shard_sha256.get(name) if verify else None,
-                                 size=index.shard_bytes.get(name) if verify else None):
+    for item in iter_raw_samples(path, KIND_EPISODES, sha256=index.shard_sha256.get(name),
+                                 size=index.shard_bytes.get(name), opener=opener):
         try:
             if isinstance(item, ShardFormatError):
                 if isinstance(item, ShardChecksumError):
@@ -561,8 +564,6 @@ class SplitIndex:
         return [self.location(name) for name in self.shards]
 
     def location(self, shard: str):
-        from dist_signmaml.data import storage
-
         return storage.join(self.root, shard)
 
     def classes_with_at_least(self, images: int) -> list[str]:
@@ -601,8 +602,6 @@ class EpisodeIndex:
         return sum(self.episodes_per_shard)
 
     def location(self, shard: str):
-        from dist_signmaml.data import storage
-
         return storage.join(self.root, shard)
 
     def locate(self, episode_id: int) -> tuple[int, int]:
@@ -661,8 +660,6 @@ MAX_IMAGE_SIDE = 4096  # pixels; bigger "images" in an index are a lie that woul
 
 
 def _load_raw_index(split_dir) -> tuple[str, dict]:
-    from dist_signmaml.data import storage
-
     path = storage.join(split_dir, INDEX_NAME)
     if not storage.is_remote(split_dir):
         if not Path(split_dir).is_dir():
@@ -724,10 +721,8 @@ def _check_image_facts(path, raw: dict) -> None:
             raise ShardFormatError(f"{path}: std {shown(values)} must be > 0 (inputs are divided by it)")
 
 
-def storage_is_remote(location) -> bool:
-    from dist_signmaml.data import storage
-
-    return storage.is_remote(location)
+def _root(split_dir):
+    return storage.Url(split_dir) if storage.is_remote(split_dir) else Path(split_dir)
 
 
 def _check_pixels_fit(path, shard: str, images: int, image_shape, size: int) -> None:
@@ -761,7 +756,7 @@ def read_index(split_dir: str | Path) -> SplitIndex:
             _check_pixels_fit(path, shard["name"], sum(int(e["images"]) for e in shard["classes"]),
                               raw["image_shape"], shard["bytes"])
         return SplitIndex(
-            root=split_dir if storage_is_remote(split_dir) else Path(split_dir), dataset=str(raw["dataset"]), split=str(raw["split"]),
+            root=_root(split_dir), dataset=str(raw["dataset"]), split=str(raw["split"]),
             image_shape=tuple(int(v) for v in raw["image_shape"]),
             mean=tuple(float(v) for v in raw["mean"]), std=tuple(float(v) for v in raw["std"]),
             shards=tuple(s["name"] for s in raw["shards"]), classes=classes,
@@ -783,7 +778,7 @@ def read_episode_index(split_dir: str | Path) -> EpisodeIndex:
         for shard in raw["shards"]:
             _check_pixels_fit(path, shard["name"], int(shard["episodes"]) * per_episode, raw["image_shape"], shard["bytes"])
         return EpisodeIndex(
-            root=split_dir if storage_is_remote(split_dir) else Path(split_dir), dataset=str(raw["dataset"]), split=str(raw["split"]),
+            root=_root(split_dir), dataset=str(raw["dataset"]), split=str(raw["split"]),
             image_shape=tuple(int(v) for v in raw["image_shape"]),
             mean=tuple(float(v) for v in raw["mean"]), std=tuple(float(v) for v in raw["std"]),
             ways=int(raw["ways"]), shots=int(raw["shots"]), queries=int(raw["queries"]), seed=int(raw["seed"]),
