@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 
@@ -23,6 +24,15 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _refuse_unknown(command: str, function, unknown: dict) -> None:
+    """fire hands flags it cannot match to the trailing **unknown_options: refuse them before any work (without
+    the catch-all, fire would run the whole command and complain about the flag afterwards)."""
+    if unknown:
+        known = [n for n in inspect.signature(function).parameters if n != "unknown_options"]
+        _fail(f"unknown option(s) {', '.join('--' + k for k in sorted(unknown))} for `shards {command}`; known: "
+              f"{', '.join('--' + k for k in known)}")
+
+
 def _split_list(value) -> list[str]:
     if isinstance(value, str):
         return [s for s in value.split(",") if s]
@@ -31,7 +41,7 @@ def _split_list(value) -> list[str]:
 
 def build(dataset: str, out: str, splits=None, image_size: int | None = None, shard_mb: float | None = None,
           workers: int = 0, source: str | None = None, crop: str = "center", mode: str = "RGB",
-          name: str | None = None, on_bad_image: str = "error", progress: bool = True):
+          name: str | None = None, on_bad_image: str = "error", progress: bool = True, **unknown_options):
     """Build shards for DATASET into OUT/<split>/ (shard-*.tar + index.json per split).
 
     Args:
@@ -51,6 +61,17 @@ def build(dataset: str, out: str, splits=None, image_size: int | None = None, sh
         on_bad_image: imagefolder: error (default) or skip undecodable image files with a warning.
         progress: show a progress bar.
     """
+    _refuse_unknown("build", build, unknown_options)
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for flag, value, ok, expected in (
+            ("image_size", image_size, image_size is None or (whole(image_size) and image_size >= 0),
+             "pixels > 0, or 0 to keep the size"),
+            ("shard_mb", shard_mb, shard_mb is None or (isinstance(shard_mb, (int, float)) and not isinstance(shard_mb, bool)
+                                                        and shard_mb > 0), "a positive size in MB"),
+            ("workers", workers, whole(workers) and workers >= 0, "an integer >= 0"),
+            ("on_bad_image", on_bad_image, on_bad_image in ("error", "skip"), "error or skip")):
+        if not ok:
+            _fail(f"--{flag}={value!r} is invalid: expected {expected}")
     try:
         if dataset == "omniglot":
             from shards import omniglot
@@ -77,8 +98,9 @@ def build(dataset: str, out: str, splits=None, image_size: int | None = None, sh
               f"{len(index['shards'])} shards, image shape {index['image_shape']}")
 
 
-def inspect(path: str, json_output: bool = False):
+def inspect_splits(path: str, json_output: bool = False, **unknown_options):
     """Summarise the split(s) in PATH from their index.json (classes, images, shards, shapes, sizes)."""
+    _refuse_unknown("inspect", inspect_splits, unknown_options)
     from shards.checks import split_dirs, summary
 
     try:
@@ -97,9 +119,10 @@ def inspect(path: str, json_output: bool = False):
               f"{f['shards']} shards, {f['bytes'] / 1e6:.1f} MB (largest {f['largest_shard_bytes'] / 1e6:.1f} MB)")
 
 
-def verify(path: str):
+def verify(path: str, **unknown_options):
     """Check every shard in PATH (a folder, or s3://, gs://, https:// URL) against its index: checksums,
     decodability (no unpickling), counts. Exit 1 on problems."""
+    _refuse_unknown("verify", verify, unknown_options)
     from shards.checks import split_dirs, verify_split
 
     try:
@@ -122,13 +145,14 @@ def verify(path: str):
 
 
 def episodes(split_dir: str, out: str, ways: int = 5, shots: int = 1, queries: int = 15, episodes: int = 1000,
-             seed: int = 2021, shard_mb: float = 64.0, progress: bool = True):
+             seed: int = 2021, shard_mb: float = 64.0, progress: bool = True, **unknown_options):
     """Materialise EPISODES fixed episodes of the class split SPLIT_DIR into episode shards in OUT.
 
     Episode i is the one `fixed_episodes(SPLIT_DIR, ..., seed=SEED)` draws, so evaluating on OUT or on SPLIT_DIR with
     that seed scores the same tasks. Pass OUT as the split to evaluate (it is detected from its index.json).
     The default seed is the one `dist_signmaml.evaluate` draws its fixed episodes with (EVALUATION_SEED).
     """
+    _refuse_unknown("episodes", episodes, unknown_options)
     from shards.episode_writer import materialise
 
     try:
@@ -141,4 +165,4 @@ def episodes(split_dir: str, out: str, ways: int = 5, shots: int = 1, queries: i
 
 
 if __name__ == "__main__":
-    fire.Fire({"build": build, "inspect": inspect, "verify": verify, "episodes": episodes})
+    fire.Fire({"build": build, "inspect": inspect_splits, "verify": verify, "episodes": episodes})
