@@ -52,7 +52,7 @@ def build(dataset: str, out: str, splits=None, image_size: int | None = None, sh
             PRESET:test or PRESET:train+val) and NAME=FILE items (FILE a class list .txt or a filename,label .csv);
             default: every class folder into one split "all".
         image_size: square side in pixels (omniglot default 28; imagefolder default 0 = keep the source size).
-        shard_mb: target shard size in MB (omniglot default 4, so 2 ranks x 2 workers each own shards; else 64).
+        shard_mb: target shard size in MB (omniglot default 4, so a window holds part of the split; else 64).
         workers: processes decoding/resizing images (0 = none); the output is identical for any value.
         source: imagefolder only: the folder with one sub-folder per class.
         crop: imagefolder: center (centre square crop, then resize) or stretch (resize to a square).

@@ -70,8 +70,11 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 def s3_server():
     """moto's S3 server on 127.0.0.1; yields (endpoint URL, environment for clients). The environment is also set
     in this process (boto3, s3fs and botocore read AWS_ENDPOINT_URL) and restored on exit."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -5,7 +5,8 @@ A *location* is a local path or a `Url`, a URL string that joins like a Path (`u
 it (splits, `index.json`, shard names from an index) are plain file names, checked before they are joined, so an
 index can never point at another host, another scheme or a `pipe:` command.
 
-Local files must be regular files (a FIFO would block `open()` forever and /dev/zero never ends). Remote objects
+S3 credentials and region come from the usual AWS variables and files; an S3-compatible store is named with
+AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3). Local files must be regular files (a FIFO would block `open()` forever and /dev/zero never ends). Remote objects
 are read sequentially; a transient failure (a dropped connection, a timeout, a 5xx or 429 answer, an object that
 ends before the size the index gives it) is retried with exponential backoff by reopening at the byte reached, and
 a permanent one (missing, forbidden, or retries spent) is one StorageError naming the URL.
@@ -119,7 +120,11 @@ def _filesystem(url: str):
         raise StorageError(f"{url}: reading object storage needs fsspec (pip install fsspec)") from None
     try:
         # no listings cache: a shard rewritten under the same name must not be read with a stale size
-        return fsspec.core.url_to_fs(url, use_listings_cache=False)
+        options: dict = {"use_listings_cache": False}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if scheme_of(url) == "s3" and endpoint:  # S3-compatible stores (MinIO, Ceph, moto); explicit, so that
+            options["endpoint_url"] = endpoint  # fsspec's per-settings cache of clients follows a change
+        return fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as error:
         package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(scheme_of(url) or "", "aiohttp")
         raise StorageError(f"{url}: cannot read {scheme_of(url)}:// URLs ({error}); pip install {package}") from None
