@@ -18,6 +18,8 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
 from safetensors.torch import save_file
 
+from dist_signmaml.algorithms.learner import to_export_names
+
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_STATE = "train_state.json"  # written last: a checkpoint without it is incomplete and ignored
 
@@ -292,7 +294,7 @@ class Engine:
         """The meta-initialisation (backbone weights only) as safetensors, with the config in the metadata."""
         state = self.accelerator.get_state_dict(learner)
         if self.is_main:
-            weights = {k.removeprefix("model."): v.detach().cpu().contiguous() for k, v in state.items()}
+            weights = {k: v.detach().cpu().contiguous() for k, v in to_export_names(state).items()}
             save_file(weights, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
         self.wait()
 

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from dist_signmaml.algorithms.learner import to_learner_names
 from dist_signmaml.algorithms.rules import ALGORITHMS
 from dist_signmaml.data import EpisodeShape, fixed_episodes
 
@@ -153,8 +154,7 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
         learner = build_learner(config, image_shape, engine.device)
     except ConfigError as error:
         raise EvaluationError(f"{file}: {error}") from None
-    state = {k.removeprefix("model."): v for k, v in load_file(str(file)).items()}
-    learner.model.load_state_dict(state)
+    learner.load_state_dict(to_learner_names(load_file(str(file))))
     learner.to(engine.device)
     try:
         result = meta_test(learner, engine, split_dir, shape, episodes=episodes, inner_steps=inner_steps, seed=seed,

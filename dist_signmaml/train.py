@@ -12,7 +12,6 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import fire
-import torch
 
 from dist_signmaml.algorithms import MetaLearner, make_rule
 from dist_signmaml.algorithms.learner import resolve_task_parallel
@@ -23,6 +22,7 @@ from dist_signmaml.data.storage import data_root
 from dist_signmaml.data import usable_classes
 from dist_signmaml.engine import DistributedSetupError, Engine, completed_checkpoints
 from dist_signmaml.models import adapted_parameter_names, build_backbone, load_weights
+from dist_signmaml.optim import OuterLRSchedule, build_optimizer
 from dist_signmaml.monitor import (TrainMonitor, Validator, final_test, log_config_text, log_final_hparams,
                                    summarize_run)
 from dist_signmaml.preemption import GracefulStop, clear_preempted_marker
@@ -70,7 +70,8 @@ def build_learner(config: TrainConfig, image_shape, device) -> MetaLearner:
     task_parallel = resolve_task_parallel("loop" if config.activation_checkpointing and config.task_parallel == "auto"
                                           else config.task_parallel, device)
     learner = MetaLearner(model, make_rule(config.algo, config.inner_momentum), config.inner_lr, config.inner_steps,
-                          task_parallel, adapted_names=adapted_names)
+                          task_parallel, adapted_names=adapted_names, learn_inner_lr=config.learn_inner_lr,
+                          multi_step_loss=config.multi_step_loss)
     return learner.compile_tasks(config.compile_backend) if config.compile else learner
 
 
@@ -95,7 +96,8 @@ def train(config: TrainConfig) -> dict:
             raise ConfigError(str(error)) from None
         engine.print0(f"initialised from {config.weights}" + (f"; new: {', '.join(fresh)}" if fresh else ""))
     task_parallel = learner.task_parallel
-    optimizer = torch.optim.Adam(learner.parameters(), lr=config.outer_lr)
+    optimizer = build_optimizer(learner, config.outer_lr, config.inner_lr_lr)
+    outer_lr = OuterLRSchedule(optimizer, config.outer_lr_schedule, config.steps)
     learner, optimizer = engine.prepare(learner, optimizer, engine.tasks_per_rank(config.meta_batch))
 
     start = 0
@@ -136,8 +138,9 @@ def train(config: TrainConfig) -> dict:
     for step in range(start + 1, config.steps + 1):
         with monitor.phase("data_wait"):
             episodes = next(batches)
+        outer_lr.apply(step)
         output = engine.meta_step(learner, optimizer, episodes, phase=monitor.phase,
-                                  diagnostics=monitor.should_log(step))
+                                  diagnostics=monitor.should_log(step), progress=step / config.steps)
         monitor.record(step, episodes, output)
         if config.on_bad_sample == "skip" and monitor.should_log(step):  # every rank walks the whole split and
             engine.log({"data/bad_samples_skipped": train_stream.bad_samples_skipped}, step=step)  # meets the same
@@ -155,7 +158,7 @@ def train(config: TrainConfig) -> dict:
     engine.save_checkpoint(config.steps, checkpoint_state(config.steps), config.keep_checkpoints)
     engine.export(learner, Path(config.out) / "model.safetensors", export_metadata | {"step": config.steps})
     results = {"val": validator.history[-1] if validator.history else None, "best_val": validator.best,
-               "val_history": validator.history}
+               "val_history": validator.history, "inner_lr_learned": engine.unwrap(learner).step_size_values()}
     if config.test_episodes:  # with the best-by-validation weights
         results["test"] = final_test(learner, engine, validator, data_root / "test", shape,
                                      episodes=config.test_episodes, inner_steps=config.test_inner_steps,
