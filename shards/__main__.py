@@ -13,9 +13,11 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+import tempfile
 
 import fire
 
+from dist_signmaml.data import storage
 from dist_signmaml.data.format import ShardFormatError
 
 
@@ -46,7 +48,8 @@ def build(dataset: str, out: str, splits=None, image_size: int | None = None, sh
 
     Args:
         dataset: omniglot | imagefolder.
-        out: output folder; each split becomes OUT/<split>/.
+        out: output folder, or an s3://, gs:// or https:// URL (built in a temporary folder, then uploaded with each
+            split's index.json last); each split becomes OUT/<split>/.
         splits: omniglot: comma-separated of train,val,test,trainval (Vinyals) and background,evaluation (Lake);
             default train,val,test. imagefolder: comma-separated presets (mini-imagenet, cifar-fs, fc100, optionally
             PRESET:test or PRESET:train+val) and NAME=FILE items (FILE a class list .txt or a filename,label .csv);
@@ -72,6 +75,16 @@ def build(dataset: str, out: str, splits=None, image_size: int | None = None, sh
             ("on_bad_image", on_bad_image, on_bad_image in ("error", "skip"), "error or skip")):
         if not ok:
             _fail(f"--{flag}={value!r} is invalid: expected {expected}")
+    if storage.is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="shards-build-") as local:
+            build(dataset, local, splits, image_size, shard_mb, workers, source, crop, mode, name, on_bad_image,
+                  progress)
+            try:
+                written = storage.upload_tree(local, out)
+            except OSError as error:
+                _fail(str(error))
+        print(f"uploaded {len(written)} files to {out}")
+        return
     try:
         if dataset == "omniglot":
             from shards import omniglot

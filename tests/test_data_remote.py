@@ -160,3 +160,18 @@ def test_shards_verify_and_inspect_read_s3(tree, s3):
     assert bad.returncode == 1 and "sha256 differs from the index" in bad.stdout and "FAILED" in bad.stdout
     missing = run("verify", "s3://dsm-test/nothing-here")
     assert missing.returncode == 2 and missing.stderr.startswith("error: s3://dsm-test/nothing-here: neither a split")
+
+
+def test_shards_build_uploads_to_s3_and_the_upload_verifies(s3, tmp_path):
+    from tests.shard_fixtures import make_image_folder
+
+    _, env = s3
+    source = make_image_folder(tmp_path / "src", {"cat": 4, "dog": 5})
+    done = subprocess.run([sys.executable, "-m", "shards", "build", "imagefolder", "--source", str(source), "--out",
+                           "s3://dsm-test/built", "--image_size", "8", "--progress", "False"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ, **env})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("uploaded 2 files to s3://dsm-test/built")
+    from shards.checks import verify_split
+
+    assert verify_split("s3://dsm-test/built/all") == ([], {"classes": 2, "images": 9})

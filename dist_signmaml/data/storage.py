@@ -311,6 +311,25 @@ def read_small(location, limit: int) -> bytes:
         return handle.read(limit + 1)
 
 
+def upload_tree(local_root, url) -> list[str]:
+    """Copy a built dataset folder to object storage; in each folder `index.json` goes last, so a reader never sees
+    an index whose shards are not all there yet. Returns the URLs written."""
+    local_root = Path(local_root)
+    fs, base = _filesystem(str(url))
+    written = []
+    files = sorted((p for p in local_root.rglob("*") if p.is_file()),
+                   key=lambda p: (p.parent.as_posix(), p.name == "index.json", p.name))
+    for path in files:
+        target = str(url).rstrip("/") + "/" + path.relative_to(local_root).as_posix()
+        _, remote_path = _filesystem(target)
+        try:
+            fs.put_file(str(path), remote_path)
+        except Exception as error:  # noqa: BLE001 - one line naming the URL
+            raise StorageError(f"{target}: upload failed ({_describe(error)})") from None
+        written.append(target)
+    return written
+
+
 def exists(location) -> bool:
     if not is_remote(location):
         return Path(location).exists()
