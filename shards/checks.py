@@ -8,9 +8,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from dist_signmaml.data import storage
-from dist_signmaml.data.format import (INDEX_NAME, KIND_CLASSES, KIND_EPISODES, ClassAssembler, ShardFormatError,
-                                       decode_episode, decode_sample, index_kind, iter_raw_samples, read_episode_index,
-                                       read_index, shown)
+from dist_signmaml.data.format import (
+    INDEX_NAME,
+    KIND_CLASSES,
+    KIND_EPISODES,
+    ClassAssembler,
+    ShardFormatError,
+    decode_episode,
+    decode_sample,
+    index_kind,
+    iter_raw_samples,
+    read_episode_index,
+    read_index,
+    shown,
+)
 
 
 def split_dirs(path) -> list:

@@ -15,8 +15,12 @@ import torch
 
 pytest.importorskip("moto", reason="the S3 tests need `pip install -e .[test]` (moto[server], boto3, s3fs)")
 
-from dist_signmaml.data import EpisodeShape, EpisodeStream, train_loader  # noqa: E402
-from dist_signmaml.data import storage  # noqa: E402
+from dist_signmaml.data import (  # noqa: E402
+    EpisodeShape,
+    EpisodeStream,
+    storage,  # noqa: E402
+    train_loader,
+)
 from dist_signmaml.data.format import ShardFormatError, read_index  # noqa: E402
 from tests.remote_servers import http_server, s3_server, upload_tree  # noqa: E402
 from tests.shard_fixtures import write_identifiable_split  # noqa: E402

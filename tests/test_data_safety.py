@@ -17,8 +17,14 @@ import numpy as np
 import pytest
 
 from dist_signmaml.data import EpisodeShape, EpisodeStream, fixed_episodes, train_loader
-from dist_signmaml.data.format import (BadSamples, ShardFormatError, encode_sample, iter_raw_samples, read_class_shard,
-                                       read_index)
+from dist_signmaml.data.format import (
+    BadSamples,
+    ShardFormatError,
+    encode_sample,
+    iter_raw_samples,
+    read_class_shard,
+    read_index,
+)
 from tests.shard_fixtures import reindex, write_identifiable_split, write_tar
 
 SHAPE = EpisodeShape(2, 1, 1)

@@ -25,9 +25,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dist_signmaml.data.format import (
+    KIND_EPISODES,
+    BadSamples,
+    ShardFormatError,
+    SplitIndex,
+    index_kind,
+    read_class_shard,
+    read_episode_index,
+    read_episode_shard,
+    read_index,
+)
 from dist_signmaml.data.storage import ShardOpener
-from dist_signmaml.data.format import (KIND_EPISODES, BadSamples, ShardFormatError, SplitIndex, index_kind,
-                                       read_class_shard, read_episode_index, read_episode_shard, read_index)
 
 CLASS_SAMPLING = ("balanced", "proportional")
 

@@ -315,7 +315,7 @@ def upload_tree(local_root, url) -> list[str]:
     """Copy a built dataset folder to object storage; in each folder `index.json` goes last, so a reader never sees
     an index whose shards are not all there yet. Returns the URLs written."""
     local_root = Path(local_root)
-    fs, base = _filesystem(str(url))
+    fs, _ = _filesystem(str(url))
     written = []
     files = sorted((p for p in local_root.rglob("*") if p.is_file()),
                    key=lambda p: (p.parent.as_posix(), p.name == "index.json", p.name))
