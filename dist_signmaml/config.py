@@ -14,6 +14,8 @@ from pathlib import Path
 from dist_signmaml.algorithms.learner import LEARNED_STEP_SIZES, TASK_PARALLEL_MODES
 from dist_signmaml.algorithms.rules import ALGORITHMS
 from dist_signmaml.optim import OUTER_LR_SCHEDULES
+from dist_signmaml.profiling import normalize_profile_steps, parse_profile_steps
+from dist_signmaml.trackers import check_log_with, normalize_log_with
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT / "data" / "shards" / "omniglot-28"
@@ -80,21 +82,36 @@ class TrainConfig:
     test_episodes: int = _field(200, "fixed test-split episodes scored at the end with the best weights (0 = skip; paper: 1000)")
     zero_stage: int = _field(0, "0 = DDP; 1 or 2 = DeepSpeed ZeRO stage (launch with `accelerate launch --use_deepspeed`)")
     dist_timeout: float = _field(300.0, "seconds a collective waits for a dead or hung rank before the run fails")
+    # Trackers, the run record and profiling (docs/cluster.md)
+    log_with: str = _field("tensorboard", "trackers, comma-separated: any of tensorboard, wandb, mlflow ('' = none)")
+    project: str = _field("dist_signmaml", "wandb project and MLflow experiment of the run (the run is named after --out)")
+    profile_steps: str = _field("", "A:B = record a torch.profiler trace of meta-steps A to B on every rank into "
+                                    "OUT/profile ('' = off)")
+    # Object storage (docs/data.md)
     cache_dir: str = _field("", "with --data on object storage: keep verified copies of the shards here ('' = stream each read)")
     cache_gb: float = _field(0.0, "size bound of --cache_dir in GB; least recently used shards go first (0 = no bound)")
 
     def __post_init__(self):
         if self.inner_lr == 0.0 and self.algo in DEFAULT_INNER_LR:
             self.inner_lr = DEFAULT_INNER_LR[self.algo]
+        self.log_with = normalize_log_with(self.log_with)
+        self.profile_steps = normalize_profile_steps(self.profile_steps)
 
     @classmethod
     def from_options(cls, **options) -> "TrainConfig":
+        """The config of the flags in `options`; `config=FILE` (--config) reads a YAML/TOML file first, and the
+        other flags override its values."""
+        from dist_signmaml.config_files import CONFIG_FLAG, blame_config_file, read_config_file
+
+        config_file = options.pop(CONFIG_FLAG, None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join('--' + u for u in unknown)}; known: {', '.join(sorted(known))}")
-        config = cls(**options)
-        config.validate()
+        from_file = read_config_file(config_file, cls) if config_file else {}
+        with blame_config_file(config_file, set(from_file) - set(options)):
+            config = cls(**(from_file | options))
+            config.validate()
         return config
 
     def validate(self) -> None:
@@ -131,6 +148,7 @@ class TrainConfig:
         need(isinstance(self.cache_dir, str), "cache_dir", "'' or a local folder")
         need(isinstance(self.cache_gb, (int, float)) and not isinstance(self.cache_gb, bool) and self.cache_gb >= 0
              and math.isfinite(self.cache_gb), "cache_gb", "a number of GB >= 0")
+        self._validate_cluster_options()
         self._validate_backbone_options(need)
 
     def _validate_backbone_options(self, need) -> None:
@@ -153,6 +171,15 @@ class TrainConfig:
         need(isinstance(self.compile_backend, str) and self.compile_backend, "compile_backend", "a torch.compile backend name")
         need(not (self.activation_checkpointing and self.task_parallel == "vmap"), "task_parallel",
              "loop or auto with --activation_checkpointing (checkpointing needs plain autograd, which vmap is not)")
+
+    def _validate_cluster_options(self) -> None:
+        try:
+            check_log_with(self.log_with)
+            parse_profile_steps(self.profile_steps, self.steps)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if not (isinstance(self.project, str) and self.project):
+            raise ConfigError(f"--project={self.project!r} is invalid: expected a non-empty name")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)

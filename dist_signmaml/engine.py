@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.tracking import TensorBoardTracker
 from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
 from safetensors.torch import save_file
 
 from dist_signmaml.algorithms.learner import to_export_names
+from dist_signmaml.trackers import TENSORBOARD_DIR, tracker_names, tracker_settings
 
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_STATE = "train_state.json"  # written last: a checkpoint without it is incomplete and ignored
@@ -101,8 +103,12 @@ class Engine:
         # rewriting module state inside forward.
         handlers = [DistributedDataParallelKwargs(broadcast_buffers=False),
                     process_group_kwargs(self.timeout_s, deepspeed_on_cpu=bool(deepspeed) and not torch.cuda.is_available())]
-        self.accelerator = Accelerator(log_with=log_with, project_dir=str(self.out_dir), kwargs_handlers=handlers,
-                                       deepspeed_plugin=deepspeed)
+        # TensorBoard is built here so that it writes to OUT/tb whatever the project name of wandb and MLflow is.
+        self.trackers = tracker_names(log_with)
+        trackers = [TensorBoardTracker(TENSORBOARD_DIR, str(self.out_dir)) if name == "tensorboard" else name
+                    for name in self.trackers]
+        self.accelerator = Accelerator(log_with=trackers or None, project_dir=str(self.out_dir),
+                                       kwargs_handlers=handlers, deepspeed_plugin=deepspeed)
         self._check_world()
         if self.zero_stage and self.accelerator.distributed_type != DistributedType.DEEPSPEED:
             raise DistributedSetupError(self._deepspeed_misuse(self.accelerator.distributed_type.value))
@@ -256,19 +262,31 @@ class Engine:
         return self.accelerator.unwrap_model(learner)
 
     # ---- tracking ---------------------------------------------------------------------------------------------
-    def start_tracking(self, hparams: dict):
-        """TensorBoard under OUT/tb; tracker calls run on the main process only (Accelerate handles that)."""
+    def start_tracking(self, hparams: dict, project: str = "dist_signmaml"):
+        """Start the trackers: TensorBoard under OUT/tb; wandb and MLflow under `project`, the run named after OUT
+        (dist_signmaml/trackers.py). Tracker calls run on the main process only (Accelerate handles that)."""
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        self.accelerator.init_trackers("tb", config=flat)
+        settings = tracker_settings(self.trackers, self.out_dir, self.out_dir.resolve().name) if self.is_main else {}
+        self.accelerator.init_trackers(project, config=flat, init_kwargs=settings)
 
     def log(self, values: dict, step: int):
         self.accelerator.log(values, step=step)
 
     def tensorboard_writer(self):
-        """The SummaryWriter behind the tracker (for text and images), or None off the main process."""
+        """The SummaryWriter behind the TensorBoard tracker (for text and images); None off the main process or
+        when the run does not log to TensorBoard."""
         if not self.is_main:
             return None
-        return self.accelerator.get_tracker("tensorboard", unwrap=True)
+        return next((t.tracker for t in self.accelerator.trackers if t.name == "tensorboard"), None)
+
+    @names_lost_peers("gathering objects")
+    def gather_objects(self, value) -> list:
+        """`value` of every rank, in rank order, on every rank (picklable objects, over the CPU control group)."""
+        if self._control is None:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value, group=self._control)
+        return gathered
 
     def end(self):
         self.accelerator.end_training()

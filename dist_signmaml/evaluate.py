@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import fire
@@ -40,9 +42,10 @@ def confidence_interval(accuracies: torch.Tensor) -> tuple[float, float]:
 
 
 def meta_test(learner, engine, split_dir, shape: EpisodeShape, *, episodes: int, inner_steps: int, seed: int,
-              tasks_per_batch: int, desc: str = "meta-test") -> dict:
+              tasks_per_batch: int, desc: str = "meta-test", announce_eta: bool = False) -> dict:
     """Score `episodes` fixed episodes of `split_dir`; ranks take every world_size-th episode and the per-episode
-    accuracies are gathered, so any number of ranks reports exactly the numbers of one process."""
+    accuracies are gathered, so any number of ranks reports exactly the numbers of one process.
+    `announce_eta`: after the first batch, print how long the whole meta-test will take at that pace."""
     own_ids = list(range(engine.rank, episodes, engine.world_size))
     accuracies = []
     progress = tqdm(total=len(own_ids), disable=not engine.is_main, desc=desc, unit="episode", leave=False,
@@ -50,8 +53,13 @@ def meta_test(learner, engine, split_dir, shape: EpisodeShape, *, episodes: int,
     learner.eval()
     with torch.no_grad():
         for batch in fixed_episodes(split_dir, shape, own_ids, seed=seed, tasks_per_batch=tasks_per_batch):
+            started = time.perf_counter()
             accuracies.append(learner(*batch.to(engine.device), inner_steps=inner_steps).task_accuracies)
             progress.update(len(accuracies[-1]))
+            if announce_eta and engine.is_main and len(accuracies) == 1 and len(own_ids) > len(accuracies[0]):
+                each = (time.perf_counter() - started) / len(accuracies[0])
+                progress.write(f"{desc}: {episodes} episodes on {engine.world_size} process(es), {each:.2f} s per "
+                               f"episode -> about {duration(each * len(own_ids))} in all (--episodes sets how many)")
     learner.train()
     progress.close()
     # Ranks may own one episode fewer than others: pad to the same length with NaN, gather, put the episodes back in
@@ -64,6 +72,14 @@ def meta_test(learner, engine, split_dir, shape: EpisodeShape, *, episodes: int,
     everything = in_episode_order[~torch.isnan(in_episode_order)].cpu()
     mean, ci95 = confidence_interval(everything)
     return {"accuracy": mean, "ci95": ci95, "episodes": int(everything.numel()), "inner_steps": inner_steps}
+
+
+def duration(seconds: float) -> str:
+    """3725 -> '1 h 2 min', 130 -> '2 min 10 s', 9.4 -> '9 s'."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
 
 
 # ---- the command line -----------------------------------------------------------------------------------------
@@ -134,7 +150,8 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
         raise EvaluationError(f"--ways={ways} does not fit {file}: its classifier head was trained for "
                               f"{trained['ways']} ways (omit --ways)")
     overrides = {"shots": shots or trained["shots"], "queries": queries or trained["queries"],
-                 "task_parallel": task_parallel}
+                 "task_parallel": task_parallel,
+                 "log_with": "", "profile_steps": ""}  # the training session's trackers and profile, not the model's
     if algo and algo != trained["algo"]:
         overrides |= {"algo": algo, "inner_lr": inner_lr}  # inner_lr 0 -> the new algo's default beta
     elif inner_lr:
@@ -145,10 +162,7 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
         raise EvaluationError(str(error)) from None
     split_dir = split_directory(data or trained["data"], split)
     shape = EpisodeShape(config.ways, config.shots, config.queries)
-    out_file = Path(out) if out else file.parent / (
-        f"eval_{Path(split).name}_{config.algo}_{config.ways}w{config.shots}s_{inner_steps}steps.json")
-
-    engine = Engine(out_file.parent, config.seed, log_with=None)
+    engine = Engine(Path(out).parent if out else file.parent, config.seed, log_with=None)
     image_shape = metadata.get("image_shape") or _image_shape(split_dir)
     try:
         learner = build_learner(config, image_shape, engine.device)
@@ -158,12 +172,13 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
     learner.to(engine.device)
     try:
         result = meta_test(learner, engine, split_dir, shape, episodes=episodes, inner_steps=inner_steps, seed=seed,
-                           tasks_per_batch=batch, desc=f"evaluate {Path(split).name}")
+                           tasks_per_batch=batch, desc=f"evaluate {Path(split).name}", announce_eta=True)
     except ValueError as error:  # e.g. more ways or shots+queries than the split holds
         raise EvaluationError(str(error)) from None
     result |= {"split": Path(split).name, "split_dir": str(split_dir), "weights": str(file), "algo": config.algo,
                "inner_lr": config.inner_lr, "ways": config.ways, "shots": config.shots, "queries": config.queries,
                "seed": seed, "world_size": engine.world_size, "trained_steps": metadata.get("step", trained["steps"])}
+    out_file = Path(out) if out else evaluation_file(file, result)
     if engine.is_main:
         out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
@@ -171,6 +186,26 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
                   f"{inner_steps} inner steps), {file}: {100 * result['accuracy']:.2f} ± {100 * result['ci95']:.2f}% "
                   f"over {result['episodes']} episodes -> {out_file}")
     return result
+
+
+def evaluation_file(weights: Path, result: dict) -> Path:
+    """Next to the weights: eval_<split>_<algo>_<W>w<S>s_<steps>steps_<best|final|file>_<episodes>ep.json. A file
+    of that name holding another result (other queries, beta, seed, data or weights) is kept: the new one gets
+    the next free _2, _3, ... suffix. Only a re-run with identical settings and numbers takes its place."""
+    label = {BEST_WEIGHTS: "best", FINAL_WEIGHTS: "final"}.get(weights.name, weights.stem)
+    stem = (f"eval_{result['split']}_{result['algo']}_{result['ways']}w{result['shots']}s_{result['inner_steps']}steps_"
+            f"{label}_{result['episodes']}ep")
+    comparable = lambda r: {k: v for k, v in r.items() if k != "world_size"}  # noqa: E731 - ranks change nothing
+    for n in itertools.count(1):
+        candidate = weights.parent / f"{stem}{'' if n == 1 else f'_{n}'}.json"
+        if not candidate.is_file():
+            return candidate
+        try:
+            if comparable(json.loads(candidate.read_text())) == comparable(result):
+                return candidate
+        except ValueError:  # not ours to overwrite either
+            continue
+    raise AssertionError("unreachable")
 
 
 def _image_shape(split_dir: Path) -> tuple[int, int, int]:
@@ -196,7 +231,7 @@ def main(path: str = "", **options) -> None:
       seed: seed of the fixed episodes (default 2021, shared by validation and test during training)
       batch: episodes per forward pass on each rank (default 4; does not change the numbers)
       task_parallel: auto | loop | vmap (default auto)
-      out: JSON file to write (default: next to the weights, eval_<split>_<algo>_<W>w<S>s_<steps>steps.json)
+      out: JSON file to write (default: next to the weights, eval_<split>_<algo>_<W>w<S>s_<steps>steps_<best|final>_<N>ep.json; never replacing another result)
     """
     if not path:
         print("error: give a run directory or a .safetensors file: python -m dist_signmaml.evaluate RUN_DIR", file=sys.stderr)

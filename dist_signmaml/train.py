@@ -16,16 +16,18 @@ import fire
 from dist_signmaml.algorithms import MetaLearner, make_rule
 from dist_signmaml.algorithms.learner import resolve_task_parallel
 from dist_signmaml.config import DEFAULT_DATA, ConfigError, TrainConfig
-from dist_signmaml.data import EpisodeShape, EpisodeStream, read_index, train_loader
+from dist_signmaml.config_files import CONFIG_FLAG, CONFIG_YAML, write_config_yaml
+from dist_signmaml.data import EpisodeShape, EpisodeStream, read_index, train_loader, usable_classes
 from dist_signmaml.data.format import ShardFormatError
 from dist_signmaml.data.storage import data_root
-from dist_signmaml.data import usable_classes
 from dist_signmaml.engine import DistributedSetupError, Engine, completed_checkpoints
 from dist_signmaml.models import adapted_parameter_names, build_backbone, load_weights
 from dist_signmaml.optim import OuterLRSchedule, build_optimizer
 from dist_signmaml.monitor import (TrainMonitor, Validator, final_test, log_config_text, log_final_hparams,
                                    summarize_run)
+from dist_signmaml.manifest import RunManifest
 from dist_signmaml.preemption import GracefulStop, clear_preempted_marker
+from dist_signmaml.profiling import StepProfiler
 
 
 def ensure_data(config: TrainConfig, engine: Engine) -> Path:
@@ -76,7 +78,8 @@ def build_learner(config: TrainConfig, image_shape, device) -> MetaLearner:
 
 
 def train(config: TrainConfig) -> dict:
-    engine = Engine(config.out, config.seed, zero_stage=config.zero_stage, timeout_s=config.dist_timeout)
+    engine = Engine(config.out, config.seed, log_with=config.log_with, zero_stage=config.zero_stage,
+                    timeout_s=config.dist_timeout)
     data_root = ensure_data(config, engine)
     shape = EpisodeShape(config.ways, config.shots, config.queries)
     make_stream = lambda start: EpisodeStream(  # noqa: E731 - one stream per (re)start position
@@ -107,10 +110,13 @@ def train(config: TrainConfig) -> dict:
         engine.print0(f"resumed from step {start}")
         if engine.is_main:
             clear_preempted_marker(config.out)
-    engine.start_tracking(asdict(config) | {"task_parallel_resolved": task_parallel, "world_size": engine.world_size})
+    engine.start_tracking(asdict(config) | {"task_parallel_resolved": task_parallel, "world_size": engine.world_size},
+                          config.project)
     Path(config.out).mkdir(parents=True, exist_ok=True)
     if engine.is_main:
         (Path(config.out) / "config.json").write_text(config.to_json())
+        write_config_yaml(asdict(config), Path(config.out) / CONFIG_YAML)  # `--config RUN/config.yaml` reruns it
+    manifest = RunManifest.start(config.out, engine)  # hosts, versions, command line, start time (all ranks)
     log_config_text(engine, config.to_json())
     engine.print0(f"{engine.unwrap(learner).rule.description}; "
                   f"{engine.world_size} process(es) on {engine.device}, tasks run with '{task_parallel}'")
@@ -119,7 +125,8 @@ def train(config: TrainConfig) -> dict:
     # diagnostics then), the validator validates every eval_every steps and keeps the best weights.
     monitor = TrainMonitor(engine, log_every=config.log_every, last_step=config.steps, first_step=start,
                            meta_batch=config.meta_batch, inner_lr=config.inner_lr, optimizer=optimizer)
-    export_metadata = {"config": asdict(config), "image_shape": list(stream.index.image_shape)}
+    export_metadata = {"config": asdict(config), "image_shape": list(stream.index.image_shape),
+                       "normalization": {"mean": list(stream.index.mean), "std": list(stream.index.std)}}
     validator = Validator(engine, data_root / "val", shape, episodes=config.eval_episodes, every=config.eval_every,
                           last_step=config.steps, inner_steps=config.test_inner_steps,
                           tasks_per_batch=engine.tasks_per_rank(config.meta_batch), out_dir=config.out,
@@ -133,14 +140,18 @@ def train(config: TrainConfig) -> dict:
     checkpoint_state = lambda step: {"episode_batches_consumed": step, "validator": validator.state_dict(),  # noqa: E731
                                      "episode_stream": train_stream.state_dict(next_batch=step)}
 
+    profiler = StepProfiler(config.profile_steps, config.out, engine.rank, engine.device, config.steps)
+    phase = profiler.phases(monitor.phase)  # the monitor's phase timers, labelled in the profile (--profile_steps)
     batches = iter(train_loader(train_stream, config.workers))
     stop = GracefulStop(engine.any_rank)  # SIGTERM/SIGUSR1 -> checkpoint at the next step boundary, then exit
     for step in range(start + 1, config.steps + 1):
-        with monitor.phase("data_wait"):
+        profiler.begin(step)
+        with phase("data_wait"):
             episodes = next(batches)
         outer_lr.apply(step)
-        output = engine.meta_step(learner, optimizer, episodes, phase=monitor.phase,
-                                  diagnostics=monitor.should_log(step), progress=step / config.steps)
+        output = engine.meta_step(learner, optimizer, episodes, phase=phase, diagnostics=monitor.should_log(step),
+                                  progress=step / config.steps)
+        profiler.end(step)
         monitor.record(step, episodes, output)
         if config.on_bad_sample == "skip" and monitor.should_log(step):  # every rank walks the whole split and
             engine.log({"data/bad_samples_skipped": train_stream.bad_samples_skipped}, step=step)  # meets the same
@@ -149,10 +160,13 @@ def train(config: TrainConfig) -> dict:
         if stop.requested() and step != config.steps:  # voted across ranks, so all save the same step
             engine.save_checkpoint(step, checkpoint_state(step) | {"stopped_by": stop.reason}, config.keep_checkpoints)
             engine.end()
+            profiler.close()
+            manifest.finish("stopped")
             stop.exit(config.out, step, engine.is_main)
         if step % config.ckpt_every == 0 and step != config.steps:
             engine.save_checkpoint(step, checkpoint_state(step), config.keep_checkpoints)
     monitor.close()
+    profiler.close()
     stop.close()
 
     engine.save_checkpoint(config.steps, checkpoint_state(config.steps), config.keep_checkpoints)
@@ -166,6 +180,7 @@ def train(config: TrainConfig) -> dict:
     summary = summarize_run(config.out, asdict(config), results, monitor, engine.world_size)
     log_final_hparams(engine, asdict(config) | {"world_size": engine.world_size}, summary)
     engine.end()
+    manifest.finish("completed")
     return summary
 
 
@@ -173,7 +188,9 @@ def main(**options) -> None:
     if options.pop("help", False) or options.pop("h", False):
         # fire hands `--help` to the **options catch-all below, so the help is printed here, from TrainConfig
         print("usage: [accelerate launch [LAUNCH OPTIONS]] -m dist_signmaml.train [--OPTION VALUE ...]\n\n"
-              "Meta-train a few-shot learner with Sign-MAML and its baselines.\n\noptions:\n" + TrainConfig.help_lines())
+              "Meta-train a few-shot learner with Sign-MAML and its baselines.\n\noptions:\n"
+              f"  --{CONFIG_FLAG}  a YAML or TOML file setting any option below; flags override it (docs/cluster.md)\n"
+              + TrainConfig.help_lines())
         return
     try:
         config = TrainConfig.from_options(**options)
@@ -188,6 +205,7 @@ def main(**options) -> None:
 # fire would run the whole training and complain about the flag afterwards).
 main.__signature__ = inspect.Signature([
     inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type) for f in fields(TrainConfig)]
+    + [inspect.Parameter(CONFIG_FLAG, inspect.Parameter.KEYWORD_ONLY, default="", annotation=str)]
     + [inspect.Parameter("unknown_options", inspect.Parameter.VAR_KEYWORD)])
 main.__doc__ = "Meta-train a few-shot learner with Sign-MAML and its baselines.\n\nArgs:\n" + "\n".join(
     f"  {f.name}: {f.metadata['help']}" for f in fields(TrainConfig))
