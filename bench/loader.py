@@ -1,10 +1,15 @@
-"""Episode loader throughput against the trainer's consumption, and the loader's peak memory at 1x and 10x data.
+"""Episode loader throughput from local disk and object storage against the trainer's consumption, and the
+loader's peak memory at 1x and 10x data.
 
-    python -m bench.loader [--batches 200] [--trainer_steps 4] [--rss True] [--out bench/results/loader.json]
+    python -m bench.loader [--batches 200] [--trainer_steps 4] [--sources local,http,s3,s3_cached] [--rss True]
+                           [--out bench/results/loader.json]
 
-Prints one JSON object:
+Prints one JSON object (the command line is in its "command" field):
 * loader_episodes_per_s: Omniglot 28 px train split, 5-way and 20-way 1-shot with 15 queries, meta-batches of 4
-  tasks through `train_loader` with 0, 1 and 2 DataLoader workers (after a warm-up that covers worker start-up).
+  tasks through `train_loader` with 0, 1 and 2 DataLoader workers (after a warm-up that covers worker start-up),
+  for each source: local disk; a local HTTP server (the handler of `python -m http.server`) serving the shards;
+  moto's S3-compatible server on 127.0.0.1 (streamed, and with a verified --cache_dir). The servers run in this
+  process, on the same CPUs, so the remote figures include serving the bytes as well as fetching them.
 * trainer_episodes_per_s: in the same run, conv4 Sign-MAML meta-steps (the trainer's MetaLearner, forward + backward
   + Adam step, 1 inner step as in training) on batches the loader made: the rate at which training consumes episodes.
 * loader_over_trainer: their ratios; the target is >= 10 for every configuration.
@@ -15,6 +20,7 @@ Prints one JSON object:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -42,9 +48,9 @@ def omniglot_train() -> Path:
     return DEFAULT_DATA / "train"
 
 
-def loader_rate(split: Path, shape: EpisodeShape, workers: int, batches: int, warmup: int) -> float:
+def loader_rate(split, shape: EpisodeShape, workers: int, batches: int, warmup: int, cache_dir: str | None = None) -> float:
     """Episodes per second through the DataLoader, after `warmup` batches (worker start-up, first shard reads)."""
-    stream = EpisodeStream(split, shape, TASKS_PER_BATCH, seed=0, num_workers=workers)
+    stream = EpisodeStream(split, shape, TASKS_PER_BATCH, seed=0, num_workers=workers, cache_dir=cache_dir)
     loader = iter(train_loader(stream, workers))
     for _ in range(warmup):
         next(loader)
@@ -150,25 +156,61 @@ def peak_rss(split: Path, workdir: Path) -> dict:
     return results
 
 
+@contextlib.contextmanager
+def served(source: str, split: Path, scratch: Path):
+    """(split location, cache dir or None) of `split` served from `source`; servers stop on exit."""
+    from tests.remote_servers import http_server, s3_server, upload_tree
+
+    if source == "local":
+        yield split, None
+    elif source == "http":
+        with http_server(split.parent) as (url, _, _):
+            yield f"{url}/{split.name}", None
+    elif source in ("s3", "s3_cached"):
+        with s3_server():
+            upload_tree("dsm-bench", "data", split.parent / split.name)
+            cache = str(scratch / "cache") if source == "s3_cached" else None
+            yield "s3://dsm-bench/data", cache
+    else:
+        raise ValueError(f"--sources: {source!r} is not one of {', '.join(SOURCES)}")
+
+
+SOURCES = ("local", "http", "s3", "s3_cached")
+
+
 def main(batches: int = 200, warmup: int = 20, trainer_steps: int = 4, rss: bool = True, throughput: bool = True,
-         out: str = "", device: str = "auto", rss_child: str = "", workdir: str = ""):
+         sources: str = ",".join(SOURCES), workers: str = "0,1,2", out: str = "", device: str = "auto",
+         rss_child: str = "", workdir: str = "", note: str = ""):
     """See the module docstring. device: where the trainer runs (auto = cuda if available, else cpu);
-    throughput/rss: run that part (both by default)."""
+    throughput/rss: run that part (both by default); sources/workers: comma-separated lists; note: free text
+    recorded in the JSON (e.g. that the machine was shared)."""
     if rss_child:
         return measure_rss_in_this_process(rss_child, batches)
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     split = omniglot_train()
-    result = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                          "trainer_device": str(device)},
-              "data": str(split), "tasks_per_batch": TASKS_PER_BATCH, "loader_episodes_per_s": {},
+    source_list = [s for s in str(sources).split(",") if s] if isinstance(sources, str) else list(sources)
+    worker_list = [int(w) for w in str(workers).split(",")] if isinstance(workers, str) else [int(w) for w in (
+        workers if isinstance(workers, (list, tuple)) else [workers])]
+    result = {"command": "python -m bench.loader " + " ".join(sys.argv[1:]), "note": note,
+              "machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+                          "torch_threads": torch.get_num_threads(), "trainer_device": str(device)},
+              "data": str(split), "data_mb": round(sum(read_index(split).shard_bytes.values()) / 1e6, 1),
+              "tasks_per_batch": TASKS_PER_BATCH, "batches_timed": batches, "loader_episodes_per_s": {},
               "trainer_episodes_per_s": {}, "loader_over_trainer": {}, "target_ratio": TARGET_RATIO}
-    for name, shape in SHAPES.items() if throughput else ():
-        rates = {f"workers_{w}": round(loader_rate(split, shape, w, batches, warmup), 1) for w in (0, 1, 2)}
-        consumed = trainer_rate(split, shape, trainer_steps, device)
-        result["loader_episodes_per_s"][name] = rates
-        result["trainer_episodes_per_s"][name] = round(consumed, 2)
-        result["loader_over_trainer"][name] = {k: round(v / consumed, 1) for k, v in rates.items()}
-    result["meets_target"] = None if not throughput else all(r >= TARGET_RATIO for v in result["loader_over_trainer"].values() for r in v.values())
+    with tempfile.TemporaryDirectory(dir=workdir or None) as scratch:
+        for name, shape in SHAPES.items() if throughput else ():
+            consumed = trainer_rate(split, shape, trainer_steps, device)
+            result["trainer_episodes_per_s"][name] = round(consumed, 2)
+            for source in source_list:
+                with served(source, split, Path(scratch)) as (location, cache):
+                    rates = {f"workers_{w}": round(loader_rate(location, shape, w, batches, warmup, cache), 1)
+                             for w in worker_list}
+                result["loader_episodes_per_s"].setdefault(source, {})[name] = rates
+                result["loader_over_trainer"].setdefault(source, {})[name] = {k: round(v / consumed, 1)
+                                                                             for k, v in rates.items()}
+    result["meets_target"] = None if not throughput else all(
+        r >= TARGET_RATIO for per_source in result["loader_over_trainer"].values() for v in per_source.values()
+        for r in v.values())
     if rss:
         with tempfile.TemporaryDirectory(dir=workdir or None) as scratch:
             result["peak_rss"] = peak_rss(split, Path(scratch))

@@ -88,6 +88,9 @@ class TrainConfig:
     project: str = _field("dist_signmaml", "wandb project and MLflow experiment of the run (the run is named after --out)")
     profile_steps: str = _field("", "A:B = record a torch.profiler trace of meta-steps A to B on every rank into "
                                     "OUT/profile ('' = off)")
+    # Object storage (docs/data.md)
+    cache_dir: str = _field("", "with --data on object storage: keep verified copies of the shards here ('' = stream each read)")
+    cache_gb: float = _field(0.0, "size bound of --cache_dir in GB; least recently used shards go first (0 = no bound)")
 
     def __post_init__(self):
         if self.inner_lr == 0.0 and self.algo in DEFAULT_INNER_LR:
@@ -143,6 +146,9 @@ class TrainConfig:
         need(self.zero_stage in (0, 1, 2), "zero_stage", "0 (DDP), 1 or 2; ZeRO-3 partitions the parameters, which "
              "the functional inner loop needs whole")
         need(isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0, "dist_timeout", "a positive number of seconds")
+        need(isinstance(self.cache_dir, str), "cache_dir", "'' or a local folder")
+        need(isinstance(self.cache_gb, (int, float)) and not isinstance(self.cache_gb, bool) and self.cache_gb >= 0
+             and math.isfinite(self.cache_gb), "cache_gb", "a number of GB >= 0")
         self._validate_cluster_options()
         self._validate_backbone_options(need)
 

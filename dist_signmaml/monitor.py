@@ -220,7 +220,7 @@ class Validator:
 
     def __init__(self, engine, split_dir, shape, *, episodes: int, every: int, last_step: int, inner_steps: int,
                  tasks_per_batch: int, out_dir, export_metadata: dict):
-        self.engine, self.split_dir, self.shape = engine, Path(split_dir), shape
+        self.engine, self.split_dir, self.shape = engine, split_dir, shape  # a Path, or a storage.Url
         self.episodes, self.every, self.last_step = int(episodes), int(every), int(last_step)
         self.inner_steps, self.tasks_per_batch = int(inner_steps), int(tasks_per_batch)
         self.best_path = Path(out_dir) / BEST_WEIGHTS

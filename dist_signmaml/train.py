@@ -18,9 +18,9 @@ from dist_signmaml.algorithms.learner import resolve_task_parallel
 from dist_signmaml.config import DEFAULT_DATA, ConfigError, TrainConfig
 from dist_signmaml.config_files import CONFIG_FLAG, CONFIG_YAML, write_config_yaml
 from dist_signmaml.cpu_allocator import keep_freed_memory
-from dist_signmaml.data import EpisodeShape, EpisodeStream, read_index, train_loader
+from dist_signmaml.data import EpisodeShape, EpisodeStream, read_index, train_loader, usable_classes
 from dist_signmaml.data.format import ShardFormatError
-from dist_signmaml.data.episodes import usable_classes
+from dist_signmaml.data.storage import data_root
 from dist_signmaml.engine import DistributedSetupError, Engine, completed_checkpoints
 from dist_signmaml.models import adapted_parameter_names, build_backbone, load_weights, resolve_channels_last
 from dist_signmaml.optim import OuterLRSchedule, build_optimizer
@@ -33,7 +33,10 @@ from dist_signmaml.profiling import StepProfiler
 
 def ensure_data(config: TrainConfig, engine: Engine) -> Path:
     """The shard root; the bundled Omniglot shards are built on first use (main process first, others wait)."""
-    root = Path(config.data)
+    try:
+        root = data_root(config.data)  # a local Path, or a Url for object storage (s3://, gs://, https://)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if root.resolve() == DEFAULT_DATA.resolve():
         with engine.main_process_first():
             if engine.is_main and not all((root / s / "index.json").is_file() for s in ("train", "val", "test")):
@@ -86,7 +89,8 @@ def train(config: TrainConfig) -> dict:
     make_stream = lambda start: EpisodeStream(  # noqa: E731 - one stream per (re)start position
         data_root / "train", shape, engine.tasks_per_rank(config.meta_batch), seed=config.seed, rank=engine.rank,
         world_size=engine.world_size, num_workers=config.workers, start_batch=start, window_shards=config.window_shards,
-        class_sampling=config.class_sampling, on_bad_sample=config.on_bad_sample)
+        class_sampling=config.class_sampling, on_bad_sample=config.on_bad_sample, cache_dir=config.cache_dir or None,
+        cache_gb=config.cache_gb)
     try:
         stream = make_stream(0)  # validates ways / shots+queries against the split before any step
     except ValueError as error:
@@ -155,9 +159,8 @@ def train(config: TrainConfig) -> dict:
                                   progress=step / config.steps)
         profiler.end(step)
         monitor.record(step, episodes, output)
-        if config.on_bad_sample == "skip" and monitor.should_log(step):  # summed over ranks (each counts its shards)
-            skipped = engine.mean_over_ranks({"n": train_stream.bad_samples_skipped})["n"] * engine.world_size
-            engine.log({"data/bad_samples_skipped": round(skipped)}, step=step)
+        if config.on_bad_sample == "skip" and monitor.should_log(step):  # every rank walks the whole split and
+            engine.log({"data/bad_samples_skipped": train_stream.bad_samples_skipped}, step=step)  # meets the same
         if validator.should_validate(step):
             validator.validate(learner, step)
         if stop.requested() and step != config.steps:  # voted across ranks, so all save the same step

@@ -14,8 +14,8 @@ OMNIGLOT_DIR = REPO_ROOT / "data" / "omniglot"
 VINYALS_SPLITS = ("train", "val", "test", "trainval")
 LAKE_SPLITS = ("background", "evaluation")
 SPLITS = VINYALS_SPLITS + LAKE_SPLITS
-# 4 MB shards give the 28 px train split 17 shards, so each of 2 ranks x 2 loader workers owns several; the
-# general 64 MB default would put the whole split in one shard.
+# 4 MB shards give the 28 px train split 17 shards, so the default window of 8 shards holds about half of it and
+# slides (memory stays bounded); the general 64 MB default would put the whole split in one shard.
 DEFAULT_SHARD_MB = 4.0
 
 

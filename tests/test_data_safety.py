@@ -17,9 +17,15 @@ import numpy as np
 import pytest
 
 from dist_signmaml.data import EpisodeShape, EpisodeStream, fixed_episodes, train_loader
-from dist_signmaml.data.format import (BadSamples, ShardFormatError, encode_sample, iter_raw_samples, read_class_shard,
-                                       read_index)
-from tests.shard_fixtures import write_identifiable_split, write_tar
+from dist_signmaml.data.format import (
+    BadSamples,
+    ShardFormatError,
+    encode_sample,
+    iter_raw_samples,
+    read_class_shard,
+    read_index,
+)
+from tests.shard_fixtures import reindex, write_identifiable_split, write_tar
 
 SHAPE = EpisodeShape(2, 1, 1)
 
@@ -149,6 +155,7 @@ def test_skip_policy_warns_counts_each_problem_once_and_keeps_going(tmp_path):
     members = [(m.name, tarfile.open(victim).extractfile(m).read()) for m in tarfile.open(victim)]
     members = [(n, b"not an array" if n == "c0000000.images.npy" else d) for n, d in members]  # first class: undecodable
     write_tar(victim, members)
+    reindex(tmp_path / "s")
     strict = EpisodeStream(tmp_path / "s", SHAPE, 2, seed=0, window_shards=1, batches_per_shard=1)
     with pytest.raises(ShardFormatError, match=rf"{victim} member c0000000\.images\.npy: not a readable \.npy"):
         for b in range(len(index.shards)):  # a window of one shard walks over every shard

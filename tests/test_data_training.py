@@ -11,7 +11,7 @@ import pytest
 
 from dist_signmaml.config import TrainConfig
 from dist_signmaml.data.format import read_index
-from tests.shard_fixtures import write_identifiable_split, write_tar
+from tests.shard_fixtures import reindex, write_identifiable_split, write_tar
 
 
 @pytest.fixture()
@@ -23,6 +23,7 @@ def corrupt_data(tmp_path):
     with tarfile.open(victim) as archive:
         members = [(m.name, archive.extractfile(m).read()) for m in archive]
     write_tar(victim, [(n, b"\x00garbage" if n == "c0000001.images.npy" else d) for n, d in members])
+    reindex(root / "train")
     return root, victim
 
 

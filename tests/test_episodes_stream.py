@@ -1,4 +1,5 @@
-"""The streaming episode assembler: episode structure, rank x worker disjointness, determinism, exact resume,
+"""The streaming episode assembler: episode structure, a task distribution independent of ranks and workers,
+determinism, exact resume,
 bounded memory, class sampling, class exclusion, and fixed (materialised) evaluation episodes."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from dist_signmaml.data import EpisodeShape, EpisodeStream, fixed_episodes, read_episode_index, train_loader
 from dist_signmaml.data.format import read_index
-from shards.episodes import materialise
+from shards.episode_writer import materialise
 from tests.shard_fixtures import trace, write_identifiable_split
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,26 +63,70 @@ def test_episode_structure_and_label_remapping(split):
     assert len(first) > 5
 
 
-def test_two_ranks_two_workers_read_disjoint_shards(split):
+def test_every_rank_and_worker_draws_from_the_whole_split_in_loader_processes(split):
     index = read_index(split)
     shard_of_class = {int(name.removeprefix("class")): shard for name, (shard, _) in index.classes.items()}
     used: dict[tuple[int, int], set[str]] = {}
-    owned: dict[tuple[int, int], set[str]] = {}
     for rank in range(2):
         stream = EpisodeStream(split, SHAPE, 2, seed=3, rank=rank, world_size=2, num_workers=2, window_shards=2,
-                               batches_per_shard=2)
-        for worker in range(2):
-            owned[rank, worker] = set(stream.own_shards(worker))
+                               batches_per_shard=1)
         loader = train_loader(stream, 2)
-        for b, batch in enumerate(itertools.islice(loader, 12)):  # real worker processes; batch b from worker b % 2
+        for b, batch in enumerate(itertools.islice(loader, 4 * len(index.shards))):  # real worker processes
             classes = {int(c) for c in trace(batch.query_x, index)[..., 0].ravel()}
-            used.setdefault((rank, b % 2), set()).update(shard_of_class[c] for c in classes)
-            assert_same([batch], [stream.batch(b)])  # the worker produced exactly the stream's batch b
-    for slot in owned:
-        assert used[slot] <= owned[slot] and len(used[slot]) >= 3  # only its own shards, and the window moved
-    for a, b in itertools.combinations(owned, 2):
-        assert not owned[a] & owned[b]
-    assert set().union(*owned.values()) == set(index.shards)
+            shards = {shard_of_class[c] for c in classes}
+            assert shards <= set(stream.window(b)) and len(stream.window(b)) == 2
+            used.setdefault((rank, b % 2), set()).update(shards)
+            if b < 6:
+                assert_same([batch], [stream.batch(b)])  # the worker produced exactly the stream's batch b
+    for slot, shards in used.items():  # no slice: each (rank, worker) reaches most of the split's shards
+        assert len(shards) > len(index.shards) // 2, (slot, len(shards))
+    assert used[0, 0] & used[1, 0] & used[0, 1] & used[1, 1]
+
+
+def pair_counts(batches, n_classes: int, index) -> np.ndarray:
+    """How often each class pair (i < j) occurs together in one task, over `batches`."""
+    counts = np.zeros((n_classes, n_classes), dtype=np.int64)
+    for batch in batches:
+        for classes in trace(batch.support_x, index)[..., 0]:  # [tasks, ways*shots] class ids
+            present = np.zeros(n_classes, dtype=bool)
+            present[classes] = True
+            counts += np.outer(present, present)
+    return counts[np.triu_indices(n_classes, 1)]
+
+
+def test_task_distribution_does_not_depend_on_world_size(tmp_path):
+    from scipy.stats import chi2_contingency
+
+    write_identifiable_split(tmp_path / "ten", n_classes=10, images_per_class=6, shard_mb=0.0105)
+    index = read_index(tmp_path / "ten")
+    assert len(index.shards) == 2 and all(len(c) == 5 for c in index.shard_contents.values())
+    shape = EpisodeShape(5, 1, 1)
+    ranks = [EpisodeStream(tmp_path / "ten", shape, 4, seed=0, rank=r, world_size=2) for r in range(2)]
+    per_rank = [pair_counts(batches_of(stream, 100), 10, index) for stream in ranks]
+    assert all((counts > 0).all() for counts in per_rank)  # all 45 pairs on each rank (one slice per rank: 20)
+    one_process = pair_counts(batches_of(EpisodeStream(tmp_path / "ten", shape, 4, seed=1), 200), 10, index)
+    two_ranks = per_rank[0] + per_rank[1]
+    _, p_value, dof, _ = chi2_contingency(np.stack([two_ranks, one_process]))
+    assert dof == 44 and p_value > 1e-3, p_value  # the same co-occurrence distribution
+    # a negative control: the disjoint slices the rule replaces (rank r only ever sees shard r) are rejected
+    sliced = np.zeros_like(two_ranks)
+    pairs = list(itertools.combinations(range(10), 2))
+    for k, (i, j) in enumerate(pairs):
+        if (i < 5) == (j < 5):
+            sliced[k] = two_ranks.sum() // 20
+    assert chi2_contingency(np.stack([sliced + 1, one_process]))[1] < 1e-12
+
+
+def test_a_window_smaller_than_the_split_still_mixes_every_pair_on_every_rank_and_worker(tmp_path):
+    write_identifiable_split(tmp_path / "five", n_classes=10, images_per_class=4, shard_mb=0.005)
+    index = read_index(tmp_path / "five")
+    assert len(index.shards) == 5
+    for rank in range(2):
+        stream = EpisodeStream(tmp_path / "five", EpisodeShape(2, 1, 1), 8, seed=0, rank=rank, world_size=2,
+                               num_workers=2, window_shards=2, batches_per_shard=1)
+        for worker in range(2):
+            counts = pair_counts((stream.batch(b) for b in range(worker, 200, 2)), 10, index)
+            assert (counts > 0).all(), (rank, worker, int((counts == 0).sum()))
 
 
 def test_stream_is_deterministic_and_seeded(split):
@@ -108,8 +153,8 @@ def test_memory_is_bounded_by_the_window(split):
     for b in range(60):
         stream.batch(b)
         assert len(stream._cache) <= 3
-    own = len(stream.own_shards(0))
-    assert own > 3 and stream.shards_loaded >= own  # it cycled through all shards, a few at a time
+    shards = len(read_index(split).shards)
+    assert shards > 3 and stream.shards_loaded >= shards  # it cycled through all shards, a few at a time
 
 
 def test_class_sampling_balanced_and_proportional(tmp_path):
@@ -136,11 +181,21 @@ def test_classes_with_too_few_images_are_excluded_or_refused_before_any_step(tmp
         stream = EpisodeStream(tmp_path / "few", EpisodeShape(4, 2, 3), 4, seed=0)
     drawn = {int(c) for b in range(5) for c in trace(stream.batch(b).support_x, index)[..., 0].ravel()}
     assert drawn == {0, 1, 2, 3}
-    with pytest.raises(ValueError, match=r"--ways=5 needs 5 classes with at least shots\+queries=5 images, but .* has only 4"), \
+    with pytest.raises(ValueError, match=r"--ways=5 needs 5 classes with at least shots\+queries=5 images, but .* has "
+                                         r"only 4: use --ways 4 or fewer, fewer --shots/--queries, or a split with "
+                                         r"more classes; or do without this split: --eval_episodes 0 --test_episodes 0$"), \
             pytest.warns(UserWarning):
         EpisodeStream(tmp_path / "few", EpisodeShape(5, 2, 3), 4, seed=0)
-    with pytest.raises(ValueError, match="need at least 4"):
-        EpisodeStream(tmp_path / "few", EpisodeShape(2, 1, 1), 4, seed=0, world_size=2, num_workers=2)
+    # one shard and 2 ranks x 2 workers: every (rank, worker) holds the whole split (it once needed 4 shards)
+    assert len(index.shards) == 1
+    for rank in range(2):
+        stream = EpisodeStream(tmp_path / "few", EpisodeShape(2, 1, 1), 4, seed=0, rank=rank, world_size=2, num_workers=2)
+        assert stream.window(0) == stream.window(1) == list(index.shards)
+    write_identifiable_split(tmp_path / "small", n_classes=8, images_per_class=4, shard_mb=0.005)
+    with pytest.raises(ValueError, match=r"--ways=5: the smallest window of --window_shards=2 shards of .* holds only 4 "
+                                         r"usable classes; use --window_shards 3, fewer --ways, or rebuild the split "
+                                         r"with bigger shards \(shards build --shard_mb \d+\)"):
+        EpisodeStream(tmp_path / "small", EpisodeShape(5, 1, 1), 4, seed=0, window_shards=2)
 
 
 def test_materialised_episodes_equal_the_seeded_fallback(split, tmp_path):

@@ -211,3 +211,17 @@ def test_shards_keep_the_webdataset_layout(tree, tmp_path):
         ours = list(iter_raw_samples(shard))
         theirs = list(wds.tarfile_samples([{"url": str(shard)}]))
         assert ours and [dict(s) for s in ours] == [dict(s) for s in theirs]
+
+
+def test_cli_refuses_a_misspelled_or_invalid_flag_before_any_work(tree, tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "shards", *args], cwd=REPO_ROOT, capture_output=True,  # noqa: E731
+                                       text=True, timeout=120)
+    done = run("build", "imagefolder", "--source", str(tree), "--out", str(tmp_path / "o"), "--image_szie", "8")
+    assert done.returncode == 2 and done.stderr.startswith("error: unknown option(s) --image_szie for `shards build`; "
+                                                           "known: --dataset, --out,") and done.stderr.count("\n") == 1
+    assert not (tmp_path / "o").exists()  # nothing was built at the default size
+    done = run("build", "imagefolder", "--source", str(tree), "--out", str(tmp_path / "o"), "--shard_mb", "-1")
+    assert done.returncode == 2 and done.stderr == "error: --shard_mb=-1 is invalid: expected a positive size in MB\n"
+    done = run("verify", str(tmp_path), "--deep")
+    assert done.returncode == 2 and done.stderr == "error: unknown option(s) --deep for `shards verify`; known: --path\n"
+    assert not (tmp_path / "o").exists()

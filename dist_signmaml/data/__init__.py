@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "EpisodeShape": "episodes", "Episodes": "episodes", "EpisodeStream": "episodes", "fixed_episodes": "episodes",
-    "stored_episodes": "episodes", "train_loader": "episodes", "CLASS_SAMPLING": "episodes",
+    **{name: "episode_loader" for name in ("EpisodeShape", "Episodes", "EpisodeStream", "fixed_episodes",
+                                           "stored_episodes", "train_loader", "usable_classes", "CLASS_SAMPLING")},
     "read_index": "format", "read_episode_index": "format", "index_kind": "format", "ShardFormatError": "format",
     "BAD_SAMPLE_POLICIES": "format",
 }

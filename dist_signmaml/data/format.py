@@ -1,4 +1,4 @@
-"""The shard format, defined once. `shards/` writes it, `dist_signmaml.data.episodes` reads it.
+"""The shard format, defined once. `shards/` writes it, `dist_signmaml.data.episode_loader` reads it.
 
 Full description with examples: docs/shard_format.md. In short, a dataset split is a directory:
 
@@ -31,15 +31,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import tarfile
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+
+from dist_signmaml.data import storage
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -65,6 +69,10 @@ class ShardFormatError(ValueError):
     """A shard or index that does not follow the format; the message names the file and member."""
 
 
+class ShardChecksumError(ShardFormatError):
+    """A shard whose bytes differ from its index entry; found at its end, so nothing read from it may be kept."""
+
+
 @dataclass(frozen=True)
 class ClassChunk:
     """One decoded sample: the images of one class (or a chunk of them)."""
@@ -72,6 +80,7 @@ class ClassChunk:
     name: str
     label: int
     images: np.ndarray  # uint8 [n, H, W, C]
+    chunk: int = 0  # position among the chunks of a class bigger than a shard
 
 
 @dataclass(frozen=True)
@@ -118,12 +127,106 @@ def encode_episode(key: str, episode_id: int, classes, support: np.ndarray, quer
 
 
 # ---- strict tar reading --------------------------------------------------------------------------------------------
-def iter_raw_samples(path: str | Path, kind: str = KIND_CLASSES) -> Iterator[dict | ShardFormatError]:
+MAX_MEMBER_BYTES = 1 << 31  # a member can never be bigger than its shard; this caps it when no index gives the size
+MAX_HEADER_BYTES = 1 << 16  # a pax or GNU long-name header: real ones are a few hundred bytes
+MAX_TRAILER_BYTES = 1 << 20  # zeros after the end-of-archive marker (tar pads to 10 kB records); more is not a shard
+MAX_INDEX_BYTES = 1 << 28
+READ_BLOCK = 1 << 16
+MESSAGE_VALUE_CHARS = 80
+
+
+def shown(value, limit: int = MESSAGE_VALUE_CHARS) -> str:
+    """repr(value) cut to `limit` characters: names come from files, and a 20 MB class name must not reach a log."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
+class _OversizedHeader(tarfile.TarError):
+    pass
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a pax or GNU long-name header whole before yielding the member it describes: refuse big ones
+    before they are read (a hostile 6 GB pax header is otherwise a MemoryError)."""
+
+    def _check_header_size(self, tar):
+        if self.size > MAX_HEADER_BYTES:
+            raise _OversizedHeader(f"a {self.size}-byte extended tar header (at most {MAX_HEADER_BYTES} are accepted)")
+
+    def _proc_pax(self, tar):
+        self._check_header_size(tar)
+        return super()._proc_pax(tar)
+
+    def _proc_gnulong(self, tar):
+        self._check_header_size(tar)
+        return super()._proc_gnulong(tar)
+
+
+class HashingReader:
+    """A read-only byte stream that hashes everything read through it, refuses to go past `limit` bytes, and keeps
+    the last bytes read (tarfile reads ahead; the bytes it pulled past the last member are checked as the trailer)."""
+
+    def __init__(self, raw, where: str, limit: int | None, keep: int = 4 * READ_BLOCK):
+        self.raw, self.where, self.limit, self.keep = raw, where, limit, keep
+        self.digest = hashlib.sha256()
+        self.position = 0
+        self.tail: deque[bytes] = deque()
+        self.tail_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size if size is not None and size >= 0 else READ_BLOCK)
+        self.position += len(data)
+        if self.limit is not None and self.position > self.limit:
+            raise ShardFormatError(f"{self.where}: longer than the {self.limit} bytes the index gives it")
+        self.digest.update(data)
+        self.tail.append(data)
+        self.tail_bytes += len(data)
+        while self.tail and self.tail_bytes - len(self.tail[0]) >= self.keep:
+            self.tail_bytes -= len(self.tail.popleft())
+        return data
+
+    def since(self, offset: int) -> bytes:
+        """The bytes from stream offset `offset` to what has been read so far (must be within the kept tail)."""
+        missing = self.position - offset
+        if missing > self.tail_bytes:
+            raise RuntimeError(f"tar read-ahead of {missing} bytes exceeds the kept {self.tail_bytes}")
+        return b"".join(self.tail)[self.tail_bytes - missing:] if missing > 0 else b""
+
+
+def _check_trailer(reader: HashingReader, end: int, url: str, last: str) -> ShardFormatError | None:
+    """After the last member: only zeros, at least the two-block end-of-archive marker, at most MAX_TRAILER_BYTES."""
+    pending = reader.since(end)
+    trailer = len(pending)
+    clean = pending.count(0) == len(pending)
+    while clean and trailer <= MAX_TRAILER_BYTES:
+        block = reader.read(READ_BLOCK)
+        if not block:
+            break
+        trailer += len(block)
+        clean = block.count(0) == len(block)
+    # tarfile stops silently at a header it cannot parse after the first one, and at the end of the file, so
+    # anything but zeros there means the shard is corrupt at that point or was cut short between two members.
+    if not clean:
+        return ShardFormatError(f"{url}: corrupt tar header at byte {end} after member {shown(last)}")
+    if trailer > MAX_TRAILER_BYTES:
+        return ShardFormatError(f"{url}: more than {MAX_TRAILER_BYTES} bytes after the end of the archive")
+    if trailer < 2 * tarfile.BLOCKSIZE:
+        return ShardFormatError(f"{url}: truncated tar (no end-of-archive marker) after member {shown(last)}")
+    return None
+
+
+def iter_raw_samples(path, kind: str = KIND_CLASSES, *, sha256: str | None = None, size: int | None = None,
+                     opener: Callable | None = None) -> Iterator[dict | ShardFormatError]:
     """Stream the samples of one shard as dicts {"__key__", "__url__", suffix: bytes}, without extracting anything.
 
-    Problems confined to one sample (an unexpected member name, a link, a duplicate member) are *yielded* as
-    ShardFormatError values so the caller can skip that sample and go on; problems that make the rest of the tar
-    untrustworthy (truncation, a corrupt header, compression) are yielded last and end the iteration.
+    `path` is a shard location, opened by `opener` (default `storage.open_shard`; a `storage.ShardOpener` adds a
+    verified local cache); `sha256` and `size` are what the index says of the shard: the bytes
+    are hashed while they stream, and no member bigger than the shard is ever read (without a size, a member may
+    have at most MAX_MEMBER_BYTES). Problems confined to one sample (an unexpected member name, a link, a duplicate
+    member) are *yielded* as ShardFormatError values so the caller can skip that sample and go on; problems that
+    make the rest of the shard untrustworthy (truncation, a corrupt header, compression, an oversized member, a
+    checksum that differs from the index) are yielded last and end the iteration; a checksum error comes after
+    the shard's samples, so a caller must drop what it read from that shard.
     Python's tarfile is used in pure streaming mode ("r|"): it reads headers and bytes in order and never touches the
     file system, and "r|" refuses compressed streams, so a decompression bomb cannot be smuggled in.
     """
@@ -133,6 +236,7 @@ def iter_raw_samples(path: str | Path, kind: str = KIND_CLASSES) -> Iterator[dic
     bad_keys: set[str] = set()
     finished_keys: set[str] = set()
     last = "(start of file)"
+    member_limit = min(size, MAX_MEMBER_BYTES) if size else MAX_MEMBER_BYTES
 
     def flush():
         nonlocal current
@@ -143,17 +247,21 @@ def iter_raw_samples(path: str | Path, kind: str = KIND_CLASSES) -> Iterator[dic
         return None
 
     try:
-        handle = open(path, "rb")
-    except OSError as error:
-        yield ShardFormatError(f"{url}: cannot open shard ({error.strerror or error})")
+        handle, found_size = (opener or storage.open_shard)(path, sha256, size)
+    except OSError as error:  # the message names the location: missing, not a regular file, unreachable
+        yield ShardFormatError(str(error))
         return
     with handle:
+        if size and found_size is not None and found_size != size:
+            yield ShardFormatError(f"{url}: {found_size} bytes, the index says {size}")
+            return
+        reader = HashingReader(handle, url, size or None)
         try:
-            archive = tarfile.open(fileobj=handle, mode="r|")
+            archive = tarfile.open(fileobj=reader, mode="r|", tarinfo=_BoundedTarInfo, bufsize=READ_BLOCK)
             for member in archive:
                 archive.members = []  # streaming: do not keep every header of a large shard in memory
                 name = member.name
-                where = f"{url} member {name!r}"
+                where = f"{url} member {shown(name)}"
                 match = re.match(r"^([^/.]+)\.([^/]+)$", name)
                 key = match.group(1) if match else None
                 if current is not None and key != current["__key__"]:
@@ -167,6 +275,10 @@ def iter_raw_samples(path: str | Path, kind: str = KIND_CLASSES) -> Iterator[dic
                         bad_keys.add(key)
                     last = name
                     continue
+                if member.size > member_limit:  # refused before a byte of it is read
+                    yield ShardFormatError(f"{where}: {member.size} bytes, more than the {member_limit} "
+                                           f"{'the index gives the whole shard' if size else 'a member may have'}")
+                    return
                 if match is None or not SAMPLE_KEY_PATTERN.match(key) or match.group(2) not in allowed:
                     yield ShardFormatError(f"{where}: unexpected member name; expected KEY.SUFFIX with KEY matching "
                                            f"{SAMPLE_KEY_PATTERN.pattern} and SUFFIX one of {sorted(allowed)}")
@@ -185,26 +297,25 @@ def iter_raw_samples(path: str | Path, kind: str = KIND_CLASSES) -> Iterator[dic
                     bad_keys.add(key)
                 current[suffix] = archive.extractfile(member).read()
                 if len(current[suffix]) != member.size:
-                    raise tarfile.ReadError(f"member {name!r} is cut short")
+                    raise tarfile.ReadError(f"member {shown(name)} is cut short")
                 last = name
             done = flush()
             if done is not None:
                 yield done
-            # tarfile stops silently at a header it cannot parse after the first one, and at the end of the file;
-            # a complete shard ends in (at least two) zero blocks, so anything else there means the shard is
-            # corrupt at that point or was cut short between two members.
-            end = archive.offset
-            handle.seek(end)
-            trailer = 0
-            for block in iter(lambda: handle.read(1 << 16), b""):
-                if block.count(0) != len(block):
-                    yield ShardFormatError(f"{url}: corrupt tar header at byte {end} after member {last!r}")
-                    return
-                trailer += len(block)
-            if trailer < 2 * tarfile.BLOCKSIZE:
-                yield ShardFormatError(f"{url}: truncated tar (no end-of-archive marker) after member {last!r}")
+            problem = _check_trailer(reader, archive.offset, url, last)
+            if problem is not None:
+                yield problem
+            elif sha256 is not None and reader.digest.hexdigest() != sha256:
+                yield ShardChecksumError(f"{url}: sha256 differs from the index (corrupt or modified shard: "
+                                         f"{reader.digest.hexdigest()[:16]}..., the index says {sha256[:16]}...)")
+        except ShardFormatError as error:
+            yield error
+        except storage.StorageError as error:  # a remote read that failed for good (retries spent)
+            yield ShardFormatError(str(error))
+        except _OversizedHeader as error:
+            yield ShardFormatError(f"{url}: {error} after member {shown(last)}")
         except (tarfile.TarError, EOFError, OSError) as error:
-            yield ShardFormatError(f"{url}: truncated or corrupt tar after member {last!r} ({error})")
+            yield ShardFormatError(f"{url}: truncated or corrupt tar after member {shown(last)} ({error})")
 
 
 def load_npy(data: bytes, where: str) -> np.ndarray:
@@ -257,7 +368,7 @@ def decode_sample(sample: dict, image_shape: tuple[int, int, int] | None = None)
     check_shape(images, image_shape, f"{where}.{IMAGES_MEMBER}")
     meta = load_json(sample[CLASS_MEMBER], f"{where}.{CLASS_MEMBER}")
     try:
-        return ClassChunk(name=str(meta["name"]), label=int(meta["label"]), images=images)
+        return ClassChunk(name=str(meta["name"]), label=int(meta["label"]), images=images, chunk=int(meta.get("chunk", 0)))
     except (KeyError, TypeError, ValueError) as error:
         raise ShardFormatError(f"{where}.{CLASS_MEMBER}: expected JSON with name and label ({error})") from None
 
@@ -284,14 +395,19 @@ def decode_episode(sample: dict, image_shape, ways: int, shots: int, queries: in
 
 # ---- bad samples ---------------------------------------------------------------------------------------------------
 class BadSamples:
-    """What happens to a sample that cannot be read: policy "error" raises its ShardFormatError; "skip" warns and
-    counts it (each distinct problem once, however often its shard is re-read) and the caller goes on without it."""
+    """What happens to a sample that cannot be read: policy "error" raises its ShardFormatError; "skip" counts it
+    (each distinct problem once, however often its shard is re-read) and the caller goes on without it.
+
+    Skips are warned one by one only for the first SHOWN_ONE_BY_ONE; after that a summary line at 100, 1000, ...
+    keeps stderr bounded (50,000 bad members are 5 lines, not 50,000), and the count reaches TensorBoard."""
+
+    SHOWN_ONE_BY_ONE = 10
 
     def __init__(self, policy: str = "error", on_count: Callable[[int], None] | None = None):
         if policy not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"--on_bad_sample={policy!r} is invalid: expected one of {', '.join(BAD_SAMPLE_POLICIES)}")
         self.policy = policy
-        self.seen: set[str] = set()
+        self.seen: set[bytes] = set()  # digests, so 50,000 long messages do not stay in memory
         self.on_count = on_count
 
     @property
@@ -302,33 +418,92 @@ class BadSamples:
         if self.policy == "error":
             raise error
         message = str(error)
-        if message not in self.seen:
-            self.seen.add(message)
-            warnings.warn(f"skipped bad sample #{self.count} (--on_bad_sample skip): {message}", stacklevel=3)
-            if self.on_count is not None:
-                self.on_count(self.count)
+        digest = hashlib.sha1(message.encode("utf-8", "replace")).digest()
+        if digest in self.seen:
+            return
+        self.seen.add(digest)
+        n = self.count
+        if n <= self.SHOWN_ONE_BY_ONE:
+            more = "; further ones are counted, with a summary at 100, 1000, ..." if n == self.SHOWN_ONE_BY_ONE else ""
+            warnings.warn(f"skipped bad sample #{n} (--on_bad_sample skip): {message[:1000]}{more}", stacklevel=3)
+        elif n >= 100 and str(n).strip("0") == "1":
+            warnings.warn(f"skipped {n} bad samples so far (--on_bad_sample skip; the first "
+                          f"{self.SHOWN_ONE_BY_ONE} were shown one by one)", stacklevel=3)
+        if self.on_count is not None:
+            self.on_count(n)
 
 
-def read_class_shard(path: str | Path, image_shape=None, bad: BadSamples | None = None,
-                     expected: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+class ClassAssembler:
+    """The classes of one shard, chunk by chunk. A class name may appear in several samples only as consecutive
+    chunks 0, 1, 2, ... with one label (how the writer splits a class bigger than a shard); anything else, such as
+    two samples with the same class name, is an error instead of a silent merge."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.parts: dict[str, list[np.ndarray]] = {}
+        self.first_key: dict[str, str] = {}
+        self.label: dict[str, int] = {}
+        self.previous: str | None = None
+
+    def add(self, chunk: ClassChunk, key: str) -> None:
+        name = chunk.name
+        if name in self.parts:
+            follows = (self.previous == name and chunk.chunk == len(self.parts[name])
+                       and chunk.label == self.label[name])
+            if not follows:
+                self.previous = None
+                raise ShardFormatError(f"{self.url} member {key}: class {shown(name)} is also sample "
+                                       f"{self.first_key[name]}; two samples of one shard may share a class name "
+                                       f"only as its consecutive chunks 0, 1, ... with one label")
+            self.parts[name].append(chunk.images)
+        else:
+            if chunk.chunk != 0:
+                self.previous = None
+                raise ShardFormatError(f"{self.url} member {key}: class {shown(name)} starts at chunk {chunk.chunk}, "
+                                       f"expected chunk 0")
+            self.parts[name], self.first_key[name], self.label[name] = [chunk.images], key, chunk.label
+        self.previous = name
+
+    def drop(self, name: str) -> None:
+        self.parts.pop(name, None)
+
+    def classes(self) -> dict[str, np.ndarray]:
+        return {name: np.concatenate(p) if len(p) > 1 else p[0] for name, p in self.parts.items()}
+
+
+def read_class_shard(path, image_shape=None, bad: BadSamples | None = None,
+                     expected: dict[str, int] | None = None, *, sha256: str | None = None,
+                     size: int | None = None, opener: Callable | None = None) -> dict[str, np.ndarray]:
     """All classes of one class shard: name -> uint8 [n, H, W, C] (chunks of a class concatenated in order).
 
     With `expected` (class name -> image count, from the index) the content must match it exactly: a class that is
-    missing, has another image count, or is not listed is a bad sample (raised, or skipped and counted)."""
+    missing, has another image count, or is not listed is a bad sample (raised, or skipped and counted). With
+    `sha256`, a shard whose bytes differ from the index yields nothing (one bad sample)."""
     bad = bad or BadSamples("error")
-    parts: dict[str, list[np.ndarray]] = {}
+    assembler = ClassAssembler(str(path))
+    broken: set[str] = set()
     skipped = 0
-    for item in iter_raw_samples(path, KIND_CLASSES):
+    for item in iter_raw_samples(path, KIND_CLASSES, sha256=sha256, size=size, opener=opener):
         try:
             if isinstance(item, ShardFormatError):
+                if isinstance(item, ShardChecksumError):
+                    bad(item)
+                    return {}
                 raise item
             chunk = decode_sample(item, image_shape)
+            if chunk.name in broken:
+                continue
+            try:
+                assembler.add(chunk, item["__key__"])
+            except ShardFormatError:
+                broken.add(chunk.name)  # ambiguous: never train on a merge of two classes
+                assembler.drop(chunk.name)
+                raise
         except ShardFormatError as error:
             bad(error)
             skipped += 1
             continue
-        parts.setdefault(chunk.name, []).append(chunk.images)
-    classes = {name: np.concatenate(p) if len(p) > 1 else p[0] for name, p in parts.items()}
+    classes = assembler.classes()
     if expected is not None:
         for name in sorted(set(expected) | set(classes)):
             found = len(classes[name]) if name in classes else 0
@@ -336,19 +511,28 @@ def read_class_shard(path: str | Path, image_shape=None, bad: BadSamples | None 
                 classes.pop(name, None)  # incomplete or unknown: never train on part of a class
                 if not skipped:  # after a skipped sample this is its consequence, already reported and counted
                     listed = f"listed in the index with {expected[name]} images" if name in expected else "not in the index"
-                    bad(ShardFormatError(f"{path}: class {name!r} {listed}, but the shard holds {found} readable images"))
+                    bad(ShardFormatError(f"{path}: class {shown(name)} {listed}, but the shard holds {found} readable images"))
     return classes
 
 
-def read_episode_shard(path: str | Path, index: "EpisodeIndex", bad: BadSamples | None = None) -> Iterator[StoredEpisode]:
+def read_episode_shard(path, index: "EpisodeIndex", bad: BadSamples | None = None, *,
+                       opener: Callable | None = None) -> list[StoredEpisode]:
+    """The episodes of one episode shard (all of them: a checksum mismatch, found at the end, drops the shard)."""
     bad = bad or BadSamples("error")
-    for item in iter_raw_samples(path, KIND_EPISODES):
+    name = str(path).rsplit("/", 1)[-1]
+    episodes = []
+    for item in iter_raw_samples(path, KIND_EPISODES, sha256=index.shard_sha256.get(name),
+                                 size=index.shard_bytes.get(name), opener=opener):
         try:
             if isinstance(item, ShardFormatError):
+                if isinstance(item, ShardChecksumError):
+                    bad(item)
+                    return []
                 raise item
-            yield decode_episode(item, index.image_shape, index.ways, index.shots, index.queries)
+            episodes.append(decode_episode(item, index.image_shape, index.ways, index.shots, index.queries))
         except ShardFormatError as error:
             bad(error)
+    return episodes
 
 
 # ---- index ---------------------------------------------------------------------------------------------------------
@@ -364,7 +548,7 @@ def sha256_of(path: Path) -> str:
 class SplitIndex:
     """What `index.json` says about one class split. `classes` maps class name -> (shard file, image count)."""
 
-    root: Path
+    root: Path | str  # a local directory or an object-storage URL (see storage)
     dataset: str
     split: str
     image_shape: tuple[int, int, int]  # H, W, C
@@ -376,8 +560,11 @@ class SplitIndex:
     shard_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
-    def shard_paths(self) -> list[Path]:
-        return [self.root / name for name in self.shards]
+    def shard_paths(self) -> list:
+        return [self.location(name) for name in self.shards]
+
+    def location(self, shard: str):
+        return storage.join(self.root, shard)
 
     def classes_with_at_least(self, images: int) -> list[str]:
         return [name for name, (_, count) in self.classes.items() if count >= images]
@@ -395,7 +582,7 @@ class SplitIndex:
 class EpisodeIndex:
     """What `index.json` says about a directory of materialised episodes."""
 
-    root: Path
+    root: Path | str
     dataset: str
     split: str
     image_shape: tuple[int, int, int]
@@ -413,6 +600,9 @@ class EpisodeIndex:
     @property
     def episodes(self) -> int:
         return sum(self.episodes_per_shard)
+
+    def location(self, shard: str):
+        return storage.join(self.root, shard)
 
     def locate(self, episode_id: int) -> tuple[int, int]:
         """(shard position, position inside the shard) of an episode id."""
@@ -466,26 +656,81 @@ def write_episode_index(out_dir: Path, *, dataset: str, split: str, image_shape,
     return index
 
 
-def _load_raw_index(split_dir: str | Path) -> tuple[Path, dict]:
-    split_dir = Path(split_dir)
-    path = split_dir / INDEX_NAME
-    if not split_dir.is_dir():
-        raise FileNotFoundError(f"data split directory {split_dir} does not exist (expected a folder with {INDEX_NAME} and shard-*.tar)")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {split_dir} is not a shard directory (build one with `python -m shards build`)")
+MAX_IMAGE_SIDE = 4096  # pixels; bigger "images" in an index are a lie that would size a model of many GB
+
+
+def _load_raw_index(split_dir) -> tuple[str, dict]:
+    path = storage.join(split_dir, INDEX_NAME)
+    if not storage.is_remote(split_dir):
+        if not Path(split_dir).is_dir():
+            raise FileNotFoundError(f"data split directory {split_dir} does not exist (expected a folder with "
+                                    f"{INDEX_NAME} and shard-*.tar)")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} is missing: {split_dir} is not a shard directory (build one with "
+                                    f"`python -m shards build`)")
     try:
-        raw = json.loads(path.read_text())
+        data = storage.read_small(path, MAX_INDEX_BYTES)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise ShardFormatError(f"unreadable index ({error})") from None
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ShardFormatError(f"{path}: unreadable index (JSON nested too deeply)") from None
     except Exception as error:
-        raise ShardFormatError(f"{path}: unreadable index ({type(error).__name__}: {error})") from None
+        raise ShardFormatError(f"{path}: unreadable index ({type(error).__name__}: {str(error)[:200]})") from None
     if not isinstance(raw, dict):
         raise ShardFormatError(f"{path}: unreadable index (expected a JSON object)")
     if raw.get("format_version") != FORMAT_VERSION:
-        raise ShardFormatError(f"{path}: format_version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    for shard in raw.get("shards", []):
+        raise ShardFormatError(f"{path}: format_version {shown(raw.get('format_version'))}, this code reads {FORMAT_VERSION}")
+    shards = raw.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise ShardFormatError(f"{path}: 'shards' must be a non-empty list of shard entries")
+    for shard in shards:
         name = shard.get("name") if isinstance(shard, dict) else None
         if not isinstance(name, str) or not SHARD_NAME_PATTERN.match(name):
-            raise ShardFormatError(f"{path}: shard name {name!r} is not a plain file name matching {SHARD_NAME_PATTERN.pattern}")
+            raise ShardFormatError(f"{path}: shard name {shown(name)} is not a plain file name matching {SHARD_NAME_PATTERN.pattern}")
+        size, digest = shard.get("bytes"), shard.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 2 * tarfile.BLOCKSIZE:
+            raise ShardFormatError(f"{path}: shard {name}: 'bytes' {shown(size)} must be the shard's size in bytes")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ShardFormatError(f"{path}: shard {name}: 'sha256' {shown(digest)} must be 64 hex digits")
+    _check_image_facts(path, raw)
     return path, raw
+
+
+def _check_image_facts(path, raw: dict) -> None:
+    """image_shape [H, W, C] within sane bounds and per-channel finite statistics (std > 0), before anything is
+    sized from them."""
+    shape = raw.get("image_shape")
+    if (not isinstance(shape, list) or len(shape) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape)):
+        raise ShardFormatError(f"{path}: image_shape {shown(shape)} must be [height, width, channels] (3 integers)")
+    height, width, channels = shape
+    if not (1 <= height <= MAX_IMAGE_SIDE and 1 <= width <= MAX_IMAGE_SIDE) or channels not in (1, 3):
+        raise ShardFormatError(f"{path}: image_shape {shape} is out of bounds: height and width 1..{MAX_IMAGE_SIDE}, "
+                               f"channels 1 or 3")
+    for name in ("mean", "std"):
+        values = raw.get(name)
+        if not isinstance(values, list) or len(values) != channels:
+            raise ShardFormatError(f"{path}: {name} {shown(values)} must list one number per channel ({channels})")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ShardFormatError(f"{path}: {name} {shown(values)} must be finite numbers")
+        if name == "std" and not all(v > 0 for v in values):
+            raise ShardFormatError(f"{path}: std {shown(values)} must be > 0 (inputs are divided by it)")
+
+
+def _root(split_dir):
+    return storage.Url(split_dir) if storage.is_remote(split_dir) else Path(split_dir)
+
+
+def _check_pixels_fit(path, shard: str, images: int, image_shape, size: int) -> None:
+    """The images the index puts in a shard must fit in its bytes: an image_shape that lies is caught here."""
+    pixels = images * math.prod(image_shape)
+    if pixels > size:
+        raise ShardFormatError(f"{path}: shard {shard} is {size} bytes but would hold {images} images of "
+                               f"{tuple(image_shape)} = {pixels} bytes of pixels; image_shape or the counts are wrong")
 
 
 def index_kind(split_dir: str | Path) -> str:
@@ -506,22 +751,22 @@ def read_index(split_dir: str | Path) -> SplitIndex:
         for shard in raw["shards"]:
             for entry in shard["classes"]:
                 if entry["name"] in classes:
-                    raise ShardFormatError(f"{path}: class {entry['name']!r} listed twice")
+                    raise ShardFormatError(f"{path}: class {shown(entry['name'])} listed twice")
                 classes[entry["name"]] = (shard["name"], int(entry["images"]))
-        if not raw["shards"]:
-            raise ShardFormatError(f"{path}: lists no shards")
+            _check_pixels_fit(path, shard["name"], sum(int(e["images"]) for e in shard["classes"]),
+                              raw["image_shape"], shard["bytes"])
         return SplitIndex(
-            root=Path(split_dir), dataset=str(raw["dataset"]), split=str(raw["split"]),
+            root=_root(split_dir), dataset=str(raw["dataset"]), split=str(raw["split"]),
             image_shape=tuple(int(v) for v in raw["image_shape"]),
             mean=tuple(float(v) for v in raw["mean"]), std=tuple(float(v) for v in raw["std"]),
             shards=tuple(s["name"] for s in raw["shards"]), classes=classes,
             shard_sha256={s["name"]: s["sha256"] for s in raw["shards"]},
-            shard_bytes={s["name"]: int(s.get("bytes", 0)) for s in raw["shards"]},
+            shard_bytes={s["name"]: int(s["bytes"]) for s in raw["shards"]},
         )
     except ShardFormatError:
         raise
     except Exception as error:
-        raise ShardFormatError(f"{path}: unreadable index ({type(error).__name__}: {error})") from None
+        raise ShardFormatError(f"{path}: unreadable index ({type(error).__name__}: {shown(error, 200)})") from None
 
 
 def read_episode_index(split_dir: str | Path) -> EpisodeIndex:
@@ -529,15 +774,20 @@ def read_episode_index(split_dir: str | Path) -> EpisodeIndex:
     if raw.get("kind") != KIND_EPISODES:
         raise ShardFormatError(f"{path}: kind {raw.get('kind', KIND_CLASSES)!r}, expected {KIND_EPISODES!r}")
     try:
+        per_episode = int(raw["ways"]) * (int(raw["shots"]) + int(raw["queries"]))
+        for shard in raw["shards"]:
+            _check_pixels_fit(path, shard["name"], int(shard["episodes"]) * per_episode, raw["image_shape"], shard["bytes"])
         return EpisodeIndex(
-            root=Path(split_dir), dataset=str(raw["dataset"]), split=str(raw["split"]),
+            root=_root(split_dir), dataset=str(raw["dataset"]), split=str(raw["split"]),
             image_shape=tuple(int(v) for v in raw["image_shape"]),
             mean=tuple(float(v) for v in raw["mean"]), std=tuple(float(v) for v in raw["std"]),
             ways=int(raw["ways"]), shots=int(raw["shots"]), queries=int(raw["queries"]), seed=int(raw["seed"]),
             shards=tuple(s["name"] for s in raw["shards"]),
             episodes_per_shard=tuple(int(s["episodes"]) for s in raw["shards"]),
             shard_sha256={s["name"]: s["sha256"] for s in raw["shards"]},
-            shard_bytes={s["name"]: int(s.get("bytes", 0)) for s in raw["shards"]},
+            shard_bytes={s["name"]: int(s["bytes"]) for s in raw["shards"]},
         )
+    except ShardFormatError:
+        raise
     except Exception as error:
-        raise ShardFormatError(f"{path}: unreadable episode index ({type(error).__name__}: {error})") from None
+        raise ShardFormatError(f"{path}: unreadable episode index ({type(error).__name__}: {shown(error, 200)})") from None

@@ -1,12 +1,16 @@
-"""Streaming few-shot episodes from class-grouped shards, with a per-(rank, worker) disjoint, resumable schedule.
+"""Streaming few-shot episodes from class-grouped shards, with a resumable schedule whose task distribution does
+not depend on the number of ranks or loader workers.
 
-Design in one paragraph. Each (rank, loader worker) owns a disjoint slice of the shards and walks an endless,
-seeded sequence of them (a fresh permutation every cycle). At any moment it holds only a *window* of the last
-`window_shards` shards in memory, and meta-batch `b` is drawn from the window with an RNG seeded by
-(seed, rank, b). Which shards are in the window is itself a function of `b`, so the whole stream is a pure
-function of (seed, rank, world size, workers, b): resuming at batch `b` only re-reads the window's shards, and
-sees exactly the episodes an uninterrupted run would have seen. Memory is bounded by the window, never by the
-dataset: at most `window_shards` shards are decoded at any time (each shard is at most ~`--shard_mb`, or one class).
+Design in one paragraph. Each (rank, loader worker) walks its own endless, seeded sequence of permutations of the
+whole split's shards. At any moment it holds only a *window* of `window_shards` consecutive shards of that sequence
+in memory (a split of at most `window_shards` shards is held whole), and meta-batch `b` is drawn from the window
+with an RNG seeded by (seed, rank, b). Which shards are in the window is itself a function of `b`, so the whole
+stream is a pure function of (seed, rank, world size, workers, b): resuming at batch `b` only re-reads the window's
+shards, and sees exactly the episodes an uninterrupted run would have seen. Windows are drawn from the whole split
+on every rank, so every class combination can occur on every rank, as with one process (an endless resampled
+stream gains nothing from disjoint slices). Memory is bounded by the window, never by the dataset: at most
+`window_shards` shards are decoded at any time (each shard is at most ~`--shard_mb`, or one class). The rule is
+stated for users in docs/data.md.
 """
 
 from __future__ import annotations
@@ -21,8 +25,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_signmaml.data.format import (KIND_EPISODES, BadSamples, ShardFormatError, SplitIndex, index_kind,
-                                       read_class_shard, read_episode_index, read_episode_shard, read_index)
+from dist_signmaml.data.format import (
+    KIND_EPISODES,
+    BadSamples,
+    ShardFormatError,
+    SplitIndex,
+    index_kind,
+    read_class_shard,
+    read_episode_index,
+    read_episode_shard,
+    read_index,
+)
+from dist_signmaml.data.storage import ShardOpener
 
 CLASS_SAMPLING = ("balanced", "proportional")
 
@@ -50,10 +64,12 @@ class EpisodeShape:
         return self.shots + self.queries
 
 
-def load_shard_classes(index: SplitIndex, shard: str, bad: BadSamples | None = None) -> dict[str, np.ndarray]:
-    """All classes of one shard of `index`, decoded without unpickling and checked against the index:
-    name -> uint8 [n,H,W,C]."""
-    return read_class_shard(index.root / shard, index.image_shape, bad, index.shard_contents[shard])
+def load_shard_classes(index: SplitIndex, shard: str, bad: BadSamples | None = None,
+                       opener: ShardOpener | None = None) -> dict[str, np.ndarray]:
+    """All classes of one shard of `index`, decoded without unpickling and checked against the index (content,
+    size and sha256, hashed while it streams): name -> uint8 [n,H,W,C]."""
+    return read_class_shard(index.location(shard), index.image_shape, bad, index.shard_contents[shard],
+                            sha256=index.shard_sha256[shard], size=index.shard_bytes[shard], opener=opener)
 
 
 def plan_episode(rng: np.random.Generator, class_sizes: Sequence[int], shape: EpisodeShape,
@@ -118,9 +134,26 @@ def usable_classes(index: SplitIndex, shape: EpisodeShape, split_dir) -> set[str
         warnings.warn(f"{split_dir}: {len(excluded)} classes have fewer than shots+queries="
                       f"{shape.images_per_class} images and are left out: {shown}", stacklevel=2)
     if len(usable) < shape.ways:
+        split = str(split_dir).rstrip("/").rsplit("/", 1)[-1]
+        evaluation = "" if split == "train" else "; or do without this split: --eval_episodes 0 --test_episodes 0"
         raise ValueError(f"--ways={shape.ways} needs {shape.ways} classes with at least shots+queries="
-                         f"{shape.images_per_class} images, but {split_dir} has only {len(usable)}")
+                         f"{shape.images_per_class} images, but {split_dir} has only {len(usable)}: use --ways "
+                         f"{len(usable)} or fewer, fewer --shots/--queries, or a split with more classes{evaluation}")
     return usable
+
+
+def check_window(index: SplitIndex, classes_per_shard: dict[str, int], ways: int, window_shards: int, split_dir) -> None:
+    """Every window of `window_shards` shards must hold `ways` usable classes; else say which option would do."""
+    counts = sorted(classes_per_shard.values())
+    smallest = sum(counts[:window_shards])
+    if smallest >= ways:
+        return
+    needed = next(k for k in range(1, len(counts) + 1) if sum(counts[:k]) >= ways)  # all together hold >= ways
+    per_class_mb = max(index.shard_bytes[s] / max(1, len(c)) for s, c in index.shard_contents.items()) / 1e6
+    shard_mb = math.ceil(per_class_mb * math.ceil(ways / window_shards) * 1.05 + 0.5)
+    raise ValueError(f"--ways={ways}: the smallest window of --window_shards={window_shards} shards of {split_dir} "
+                     f"holds only {smallest} usable classes; use --window_shards {needed}, fewer --ways, or rebuild "
+                     f"the split with bigger shards (shards build --shard_mb {shard_mb})")
 
 
 def check_policy(class_sampling: str, on_bad_sample: str) -> None:
@@ -135,64 +168,59 @@ class EpisodeStream(IterableDataset):
     With a DataLoader of `num_workers` workers, worker i produces batches start_batch + i, + num_workers, ...,
     which is the order the DataLoader hands them out in, so batch b is always the b-th batch of the rank.
     `on_bad_sample="skip"` drops unreadable samples with a warning instead of failing; `bad_samples_skipped` counts
-    them over all of this rank's workers (a shared-memory counter, so the training loop can log it).
+    them (a shared-memory counter per loader worker, so the training loop can log it).
     """
 
     def __init__(self, split_dir, shape: EpisodeShape, tasks_per_batch: int, *, seed: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, start_batch: int = 0, window_shards: int = 8,
-                 batches_per_shard: int = 0, class_sampling: str = "balanced", on_bad_sample: str = "error"):
+                 batches_per_shard: int = 0, class_sampling: str = "balanced", on_bad_sample: str = "error",
+                 cache_dir: str | None = None, cache_gb: float = 0.0):
         check_policy(class_sampling, on_bad_sample)
+        self.opener = ShardOpener(cache_dir, cache_gb)  # local files, or object storage with an optional verified cache
         self.index = read_index(split_dir)
         self.shape, self.tasks_per_batch, self.seed = shape, int(tasks_per_batch), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.streams = max(1, int(num_workers))  # virtual workers: identical schedule with 0 or 1 worker
+        self.loader_workers = max(1, int(num_workers))  # virtual workers: identical schedule with 0 or 1 worker
         self.start_batch, self.window_shards = int(start_batch), int(window_shards)
         self.class_sampling, self.on_bad_sample = class_sampling, on_bad_sample
         self.normalize = Normalizer(self.index.mean, self.index.std)
         self.usable = usable_classes(self.index, shape, split_dir)
-        slices = self.world_size * self.streams
-        if len(self.index.shards) < slices:
-            raise ValueError(f"{split_dir} has {len(self.index.shards)} shards but {self.world_size} ranks x "
-                             f"{self.streams} loader workers need at least {slices} (one each, disjoint); rebuild "
-                             f"the shards smaller (--shard_mb) or use fewer workers")
         per_shard = {name: 0 for name in self.index.shards}
         for name in self.usable:
             per_shard[self.index.classes[name][0]] += 1
         self.classes_per_shard = per_shard
-        for stream in range(self.streams):
-            own = self.own_shards(stream)
-            smallest_window = sum(sorted(per_shard[s] for s in own)[: self.window_shards])
-            if smallest_window < shape.ways:
-                raise ValueError(f"--ways={shape.ways}: rank {self.rank} worker {stream} owns shards {own} whose "
-                                 f"smallest window of {self.window_shards} holds only {smallest_window} usable classes")
+        check_window(self.index, per_shard, shape.ways, self.window_shards, split_dir)
         mean_classes = len(self.usable) / len(self.index.shards)
         # By default a shard stays in the window until about as many classes as it holds have been drawn.
         self.batches_per_shard = int(batches_per_shard) or max(1, math.ceil(mean_classes / (shape.ways * self.tasks_per_batch)))
         self._cache: dict[str, dict[str, np.ndarray]] = {}
         self._bad: BadSamples | None = None  # created in the process that reads (a DataLoader worker or this one)
-        self._bad_counts = torch.zeros(self.streams, dtype=torch.int64).share_memory_()
+        self._bad_counts = torch.zeros(self.loader_workers, dtype=torch.int64).share_memory_()
         self.shards_loaded = 0  # shard reads by this process (a window slide re-reads only the new shards)
 
     # ---- the schedule: a pure function of (seed, rank, world size, workers, batch) ------------------------------
-    def own_shards(self, stream: int) -> list[str]:
-        """The shards of (this rank, virtual worker `stream`): disjoint across all ranks and workers."""
-        slot = self.rank * self.streams + stream
-        return list(self.index.shards[slot:: self.world_size * self.streams])
-
     def window(self, batch: int) -> list[str]:
-        """Shards in memory when batch `batch` is drawn (a function of `batch` alone)."""
-        stream, local = batch % self.streams, batch // self.streams
-        own = self.own_shards(stream)
-        if len(own) <= self.window_shards:
-            return own
-        first = local // self.batches_per_shard
-        names = []
-        for position in range(first, first + self.window_shards):
-            cycle, offset = divmod(position, len(own))
-            order = np.random.default_rng([self.seed, self.rank, stream, cycle, 7]).permutation(len(own))
-            name = own[order[offset]]
+        """Shards in memory when batch `batch` is drawn (a function of `batch` alone).
+
+        Every (rank, virtual worker) walks its own seeded sequence of permutations of the *whole* split and holds
+        `window_shards` consecutive distinct shards of it, sliding by one every `batches_per_shard` batches; a split
+        of at most `window_shards` shards is held whole. So the task distribution is the same on every rank and
+        for any number of ranks and workers: any class combination that fits in a window can occur anywhere."""
+        stream, local = batch % self.loader_workers, batch // self.loader_workers
+        shards = self.index.shards
+        if len(shards) <= self.window_shards:
+            return list(shards)
+        names: list[str] = []
+        position = local // self.batches_per_shard
+        orders: dict[int, np.ndarray] = {}
+        while len(names) < self.window_shards:  # at a cycle boundary a shard can repeat: take the next one instead
+            cycle, offset = divmod(position, len(shards))
+            if cycle not in orders:
+                orders[cycle] = np.random.default_rng([self.seed, self.rank, stream, cycle, 7]).permutation(len(shards))
+            name = shards[orders[cycle][offset]]
             if name not in names:
                 names.append(name)
+            position += 1
         return names
 
     def __getstate__(self):
@@ -211,8 +239,9 @@ class EpisodeStream(IterableDataset):
 
     @property
     def bad_samples_skipped(self) -> int:
-        """Distinct unreadable samples skipped so far by all loader workers of this rank (0 unless policy 'skip')."""
-        return int(self._bad_counts.sum())
+        """Distinct unreadable samples skipped so far (0 unless policy 'skip'): the most any loader worker of this
+        rank has met, since every worker walks the whole split and so meets the same bad samples."""
+        return int(self._bad_counts.max())
 
     def _pool(self, shard_names: list[str], stream: int) -> list[np.ndarray]:
         for stale in set(self._cache) - set(shard_names):
@@ -220,7 +249,7 @@ class EpisodeStream(IterableDataset):
         pool = []
         for name in shard_names:
             if name not in self._cache:
-                self._cache[name] = load_shard_classes(self.index, name, self._bad_samples(stream))
+                self._cache[name] = load_shard_classes(self.index, name, self._bad_samples(stream), self.opener)
                 self.shards_loaded += 1
             pool.extend(images for cls, images in sorted(self._cache[name].items())
                         if cls in self.usable and len(images) >= self.shape.images_per_class)
@@ -230,7 +259,7 @@ class EpisodeStream(IterableDataset):
         return pool
 
     def batch(self, b: int) -> Episodes:
-        pool = self._pool(self.window(b), b % self.streams)
+        pool = self._pool(self.window(b), b % self.loader_workers)
         rng = np.random.default_rng([self.seed, self.rank, b])
         tasks = [draw_episode(rng, pool, self.shape, self.class_sampling) for _ in range(self.tasks_per_batch)]
         return stack_tasks(tasks, self.normalize)
@@ -249,7 +278,7 @@ class EpisodeStream(IterableDataset):
         the same values at start_batch=next_batch yields exactly the batches an uninterrupted stream would have."""
         shards = hashlib.sha256("".join(self.index.shard_sha256[s] for s in self.index.shards).encode()).hexdigest()
         return {"next_batch": int(next_batch), "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "workers": self.streams, "ways": self.shape.ways, "shots": self.shape.shots,
+                "workers": self.loader_workers, "ways": self.shape.ways, "shots": self.shape.shots,
                 "queries": self.shape.queries, "tasks_per_batch": self.tasks_per_batch,
                 "window_shards": self.window_shards, "batches_per_shard": self.batches_per_shard,
                 "class_sampling": self.class_sampling, "shards_sha256": shards}
@@ -265,8 +294,8 @@ class EpisodeStream(IterableDataset):
 def train_loader(stream: EpisodeStream, num_workers: int) -> DataLoader:
     """A DataLoader over an EpisodeStream (already batched). Not to be passed to accelerator.prepare: the stream
     splits ranks itself, and prepare would re-shard or broadcast on top."""
-    if max(1, num_workers) != stream.streams:
-        raise ValueError(f"the stream was built for {stream.streams} workers, the loader has {num_workers}")
+    if max(1, num_workers) != stream.loader_workers:
+        raise ValueError(f"the stream was built for {stream.loader_workers} workers, the loader has {num_workers}")
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None)
 
@@ -324,9 +353,9 @@ def stored_episodes(episode_dir, shape: EpisodeShape, episode_ids, *, tasks_per_
         shard, _ = index.locate(episode_id)
         if shard != loaded_shard:
             loaded_shard = shard
-            loaded = {e.id: e for e in read_episode_shard(index.root / index.shards[shard], index, bad)}
+            loaded = {e.id: e for e in read_episode_shard(index.location(index.shards[shard]), index, bad)}
         if episode_id not in loaded:
-            bad(ShardFormatError(f"{index.root / index.shards[shard]}: episode {episode_id} is missing"))
+            bad(ShardFormatError(f"{index.location(index.shards[shard])}: episode {episode_id} is missing"))
             continue
         episode = loaded[episode_id]
         batch.append((episode.support, labels_s, episode.query, labels_q))

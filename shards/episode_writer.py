@@ -17,7 +17,13 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from dist_signmaml.data.episodes import EpisodeShape, gather_episode, load_shard_classes, plan_episode, usable_classes
+from dist_signmaml.data.episode_loader import (
+    EpisodeShape,
+    gather_episode,
+    load_shard_classes,
+    plan_episode,
+    usable_classes,
+)
 from dist_signmaml.data.format import SHARD_PATTERN, BadSamples, encode_episode, read_index, write_episode_index
 from shards.writer import DEFAULT_SHARD_MB, tar_bytes
 
