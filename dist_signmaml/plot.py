@@ -23,7 +23,7 @@ matplotlib.use("Agg")  # files only: works on clusters without a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from dist_signmaml.monitor import RESULTS_JSON  # noqa: E402
+from dist_signmaml.artifacts import RESULTS_JSON  # noqa: E402
 
 SWEEP_JSON = "sweep.json"
 
