@@ -10,15 +10,14 @@
       results.json, results.md    the run summary
       PREEMPTED                   while the newest checkpoint is a stop-on-signal one
 
-Exported weights carry backbone tensor names (`conv1.weight`, `head.bias`): the learner wraps the backbone as
-`model`, and `backbone_state` is the one place that removes that prefix. This module needs no torch at import time, so
+Exported weights carry backbone tensor names (`conv1.weight`, `head.bias`) and the learner's own tensors (learned
+step sizes) under theirs: algorithms.learner.to_export_names / to_learner_names is the one prefix rule, used here. This module needs no torch at import time, so
 that `sweep` and `plot` can name the files without loading it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -40,8 +39,6 @@ RUN_OUTPUTS = (CHECKPOINT_DIR, FINAL_WEIGHTS, BEST_WEIGHTS, RESULTS_JSON)
 # What --overwrite removes (never anything else in the directory).
 ALL_RUN_FILES = (CONFIG_JSON, CHECKPOINT_DIR, TENSORBOARD_DIR, FINAL_WEIGHTS, BEST_WEIGHTS, RESULTS_JSON, RESULTS_MD,
                  PREEMPTED_MARKER)
-
-LEARNER_PREFIX = "model."  # MetaLearner.model holds the backbone
 
 
 class WeightsFileError(ValueError):
@@ -68,10 +65,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def backbone_state(learner_state: dict) -> dict:
-    """A MetaLearner state dict -> exported names: the backbone's tensors lose the learner's prefix
-    (`model.conv1.weight` -> `conv1.weight`); learner-level tensors (e.g. learned inner step sizes) keep theirs."""
-    return {name.removeprefix(LEARNER_PREFIX): tensor for name, tensor in learner_state.items()}
+def export_names(learner_state: dict) -> dict:
+    """A MetaLearner state dict under the names it is exported with (algorithms.learner.to_export_names: the one
+    rule for the backbone's prefix)."""
+    from dist_signmaml.algorithms.learner import to_export_names
+
+    return to_export_names(learner_state)
 
 
 def non_finite_tensors(tensors: dict) -> list[str]:
@@ -83,11 +82,11 @@ def non_finite_tensors(tensors: dict) -> list[str]:
 
 
 def save_weights(path: str | Path, learner_state: dict, metadata: dict) -> None:
-    """The backbone tensors of a learner state dict as safetensors, `metadata` (JSON-able) stored beside them; written
+    """A learner state dict under its export names as safetensors, `metadata` (JSON-able) stored beside them; written
     atomically. Non-finite weights are refused: a NaN export would score as chance and look like a result."""
     from safetensors.torch import save
 
-    weights = {k: v.detach().cpu().contiguous() for k, v in backbone_state(learner_state).items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in export_names(learner_state).items()}
     bad = non_finite_tensors(weights)
     if bad:
         raise FloatingPointError(f"refusing to write {path}: non-finite values in {', '.join(bad[:5])}")
@@ -113,16 +112,14 @@ def read_metadata(file: str | Path) -> dict:
     return metadata
 
 
-def load_backbone_weights(file: str | Path) -> dict:
-    """The backbone tensors of an exported file (names as in the backbone's state dict)."""
+def load_learner_weights(file: str | Path) -> dict:
+    """An exported file's tensors under the names MetaLearner.load_state_dict takes."""
     from safetensors.torch import load_file
+
+    from dist_signmaml.algorithms.learner import to_learner_names
 
     try:
         tensors = load_file(str(file))
     except Exception as error:
         raise WeightsFileError(f"{str(file)!r} is not a readable safetensors file ({error})") from None
-    return backbone_state(tensors)  # the same one rule, for files that still carry the learner's prefix
-
-
-def finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return to_learner_names(tensors)

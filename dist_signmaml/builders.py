@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from dist_signmaml import optim
 from dist_signmaml.algorithms import MetaLearner, make_rule
 from dist_signmaml.algorithms.learner import resolve_task_parallel
 from dist_signmaml.config import DEFAULT_DATA, PAPER_META_BATCH, ConfigError, TrainConfig
@@ -52,13 +53,14 @@ def build_learner(config: TrainConfig, image_shape, device) -> MetaLearner:
     task_parallel = resolve_task_parallel("loop" if config.activation_checkpointing and config.task_parallel == "auto"
                                           else config.task_parallel, device)
     learner = MetaLearner(model, make_rule(config.algo, config.inner_momentum), config.inner_lr, config.inner_steps,
-                          task_parallel, adapted_names=adapted_names)
+                          task_parallel, adapted_names=adapted_names, learn_inner_lr=config.learn_inner_lr,
+                          multi_step_loss=config.multi_step_loss)
     return learner.compile_tasks(config.compile_backend) if config.compile else learner
 
 
 def build_optimizer(config: TrainConfig, learner) -> torch.optim.Optimizer:
-    """Adam with learning rate alpha on the meta-initialisation (eq. 3's outer update)."""
-    return torch.optim.Adam(learner.parameters(), lr=config.outer_lr)
+    """Adam at alpha on the meta-initialisation (the outer update), and at --inner_lr_lr on learned step sizes."""
+    return optim.build_optimizer(learner, config.outer_lr, config.inner_lr_lr)
 
 
 def local_meta_step(learner, optimizer, episodes) -> object:

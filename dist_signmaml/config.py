@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from dist_signmaml.algorithms.learner import TASK_PARALLEL_MODES
+from dist_signmaml.algorithms.learner import LEARNED_STEP_SIZES, TASK_PARALLEL_MODES
 from dist_signmaml.algorithms.rules import ALGORITHMS
+from dist_signmaml.optim import OUTER_LR_SCHEDULES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout; every other module takes it from here
 DEFAULT_DATA = REPO_ROOT / "data" / "shards" / "omniglot-28"
@@ -70,6 +71,14 @@ class TrainConfig:
     inner_lr: float = _field(0.0, "inner learning rate beta; 0 = the Omniglot-validated default of the algo")
     inner_momentum: float = _field(0.9, "momentum of the signum rule")
     outer_lr: float = _field(1e-3, "Adam learning rate alpha of the meta-update (paper: 0.001)")
+    outer_lr_schedule: str = _field("constant", f"outer learning rate over the run: {' | '.join(OUTER_LR_SCHEDULES)} "
+                                                "(cosine: from --outer_lr towards 0 at --steps, as MAML++)")
+    learn_inner_lr: str = _field("none", "learned inner step sizes: none (fixed --inner_lr) | layer (one beta per "
+                                         "adapted tensor) | layer_step (per tensor and inner step; test steps past "
+                                         "the last trained one reuse its sizes); initialised from --inner_lr")
+    inner_lr_lr: float = _field(0.01, "Adam learning rate of the learned log step sizes (--learn_inner_lr)")
+    multi_step_loss: bool = _field(False, "train on the query loss after every inner step, MAML++'s annealed weights "
+                                          "(memory stays flat in --inner_steps for sign/fo/signum)")
     meta_batch: int = _field(0, "tasks per meta-step over all ranks; 0 = the paper's P = 4 rounded up to a multiple of "
                                 "the processes (8 processes: 8)")
     steps: int = _field(300, "meta-steps to train")
@@ -135,10 +144,13 @@ class TrainConfig:
                  and getattr(self, flag) > 0, flag, "a positive integer")
         need(self.ways >= 2, "ways", "at least 2 classes per task")
         need(self.algo in ALGORITHMS, "algo", f"one of {', '.join(ALGORITHMS)}")  # before inner_lr: it sets its default
-        for flag in ("inner_lr", "outer_lr"):  # 1e400 parses as inf: a learning rate that overflows is refused too
+        for flag in ("inner_lr", "outer_lr", "inner_lr_lr"):  # 1e400 parses as inf: overflowing rates are refused too
             value = getattr(self, flag)
             need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                  and 0 < value < 1e6, flag, "a finite positive number below 1e6")
+        need(self.outer_lr_schedule in OUTER_LR_SCHEDULES, "outer_lr_schedule", f"one of {', '.join(OUTER_LR_SCHEDULES)}")
+        need(self.learn_inner_lr in LEARNED_STEP_SIZES, "learn_inner_lr", f"one of {', '.join(LEARNED_STEP_SIZES)}")
+        need(isinstance(self.multi_step_loss, bool), "multi_step_loss", "True or False")
         need(0 <= self.inner_momentum < 1, "inner_momentum", "a number in [0, 1)")
         need(self.backbone in BACKBONES, "backbone", f"one of {', '.join(sorted(BACKBONES))}")
         need(self.task_parallel in TASK_PARALLEL_MODES, "task_parallel", f"one of {', '.join(TASK_PARALLEL_MODES)}")

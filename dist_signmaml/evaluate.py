@@ -14,9 +14,10 @@ from pathlib import Path
 
 import fire
 
+from dist_signmaml.algorithms.learner import to_learner_names
 from dist_signmaml.algorithms.rules import ALGORITHMS
 from dist_signmaml.artifacts import (BEST_WEIGHTS, FINAL_WEIGHTS, WeightsFileError, atomic_write_text,
-                                     load_backbone_weights, non_finite_tensors, read_metadata)
+                                     load_learner_weights, non_finite_tensors, read_metadata)
 from dist_signmaml.builders import build_learner, check_image_shape, episode_shape
 from dist_signmaml.config import ConfigError, TrainConfig
 from dist_signmaml.data.format import ShardFormatError
@@ -95,13 +96,13 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
         learner = build_learner(config, check_image_shape(image_shape, f"{file} metadata"), engine.device)
     except ConfigError as error:
         raise EvaluationError(f"{file}: {error}") from None
-    state = load_backbone_weights(file)
+    state = load_learner_weights(file)
     bad = non_finite_tensors(state)
     if bad:
         engine.print0(f"warning: {file} holds non-finite weights ({', '.join(bad[:5])}): its accuracy is meaningless")
     try:
-        learner.model.load_state_dict(state)
-    except RuntimeError as error:  # names or shapes that are not this config's backbone
+        learner.load_state_dict(state)
+    except RuntimeError as error:  # names or shapes that are not this config's learner
         raise EvaluationError(f"{file}: the weights do not fit the backbone of its config "
                               f"({str(error).strip().splitlines()[0][:300]})") from None
     learner.to(engine.device)

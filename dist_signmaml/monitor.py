@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from dist_signmaml.artifacts import (BEST_WEIGHTS, FINAL_WEIGHTS, RESULTS_JSON, RESULTS_MD, atomic_write_text,
-                                     load_backbone_weights)
+                                     load_learner_weights)
 from dist_signmaml.metatest import EVALUATION_SEED, meta_test
 
 PHASES = ("data_wait", "inner_loop", "outer_backward", "optimizer_step")
@@ -97,6 +97,18 @@ class RunningStats:
         return {"mean": self.mean, "std": self.std, "count": self.count}
 
 
+def step_size_scalars(step_sizes: dict[str, float | list[float]]) -> dict[str, float]:
+    """Learned betas as TensorBoard scalars: inner/lr/<tensor> (--learn_inner_lr layer), or
+    inner/lr/<tensor>/step<k> for each trained inner step k = 1..m (layer_step)."""
+    scalars = {}
+    for name, value in step_sizes.items():
+        if isinstance(value, list):
+            scalars |= {f"inner/lr/{name}/step{k}": v for k, v in enumerate(value, start=1)}
+        else:
+            scalars[f"inner/lr/{name}"] = value
+    return scalars
+
+
 class TrainMonitor:
     """Per-step bookkeeping of meta-training. Logs window means every `log_every` steps and at the last step,
     asks the learner for inner-loop diagnostics on exactly those steps, shows one episode as images on the first
@@ -152,6 +164,7 @@ class TrainMonitor:
         if output.diagnostics is not None:  # measured on this logging step only (they cost extra passes)
             means |= {f"inner/{name}": float(value) for name, value in output.diagnostics.items()}
             means["train/accuracy_before"] = float(output.accuracy_before)
+        means |= step_size_scalars(output.step_sizes or {})
         means = self.engine.mean_over_ranks(means)
         peak = self.engine.gather(torch.tensor([peak_memory_mib(self.engine.device)], device=self.engine.device))
         self.engine.log(means | {"train/tasks_per_second": self.meta_batch / max(means["train/step_seconds"], 1e-12),
@@ -213,8 +226,8 @@ class Validator:
         improved = self.best is None or result["accuracy"] > self.best["accuracy"]
         if improved:
             self.best = result
-            model = self.engine.unwrap(learner).model
-            self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            own = self.engine.unwrap(learner)
+            self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in own.state_dict().items()}
             self.engine.export(learner, self.best_path, self.export_metadata | {"step": step, "val": result})
         self.engine.print0(f"step {step}: val {percent(result)} over {result['episodes']} episodes"
                            + (" (best so far)" if improved else f" (best {percent(self.best)} at step {self.best['step']})"))
@@ -224,7 +237,7 @@ class Validator:
         """Load the best weights into the learner (all ranks); returns their step, or None if nothing was validated."""
         if self._best_weights is None:
             return None
-        self.engine.unwrap(learner).model.load_state_dict(self._best_weights)
+        self.engine.unwrap(learner).load_state_dict(self._best_weights)
         return self.best["step"]
 
     def state_dict(self, step: int | None = None) -> dict:
@@ -236,7 +249,7 @@ class Validator:
             return
         self.history, self.best = list(state.get("history", [])), state.get("best")
         if self.best is not None and self.best_path.is_file():
-            self._best_weights = load_backbone_weights(self.best_path)
+            self._best_weights = load_learner_weights(self.best_path)
 
 
 def percent(result: dict) -> str:

@@ -25,6 +25,7 @@ from dist_signmaml.config import ConfigError, TrainConfig
 from dist_signmaml.data import train_loader
 from dist_signmaml.data.format import ShardFormatError
 from dist_signmaml.engine import DistributedSetupError, Engine, NonFiniteError
+from dist_signmaml.optim import OuterLRSchedule
 from dist_signmaml.monitor import (TrainMonitor, Validator, final_test, log_config_text, log_final_hparams,
                                    summarize_run)
 from dist_signmaml.preemption import stop_when_launcher_dies
@@ -50,6 +51,7 @@ def train(config: TrainConfig) -> dict:
                     "task_parallel": learner.task_parallel,
                     "world_size": engine.world_size, "torch_threads": threads[0], "torch_threads_from": threads[1]}
         optimizer = build_optimizer(config, learner)
+        outer_lr = OuterLRSchedule(optimizer, config.outer_lr_schedule, config.steps)  # a function of the step
         learner, optimizer = engine.prepare(learner, optimizer, engine.tasks_per_rank(config.meta_batch))
         checkpointer.restore()
         record_config(engine, config, resolved, start)
@@ -69,8 +71,10 @@ def train(config: TrainConfig) -> dict:
         for step in range(start + 1, config.steps + 1):
             with monitor.phase("data_wait"):
                 episodes = next(batches)
+            outer_lr.apply(step)
             output = engine.meta_step(learner, optimizer, episodes, phase=monitor.phase, step=step,
-                                      on_nonfinite=config.on_nonfinite, diagnostics=monitor.should_log(step))
+                                      on_nonfinite=config.on_nonfinite, diagnostics=monitor.should_log(step),
+                                      progress=step / config.steps)
             monitor.record(step, episodes, output)
             if validator.should_validate(step):
                 validator.validate(learner, step)
@@ -109,7 +113,7 @@ def finish(config: TrainConfig, engine, learner, validator, monitor, data_root: 
     """The final weights, the test with the best-by-validation weights, results.json/md and the hparams."""
     engine.export(learner, Path(config.out) / FINAL_WEIGHTS, export_metadata | {"step": config.steps})
     results = {"val": validator.history[-1] if validator.history else None, "best_val": validator.best,
-               "val_history": validator.history}
+               "val_history": validator.history, "inner_lr_learned": engine.unwrap(learner).step_size_values()}
     if config.test_episodes:
         results["test"] = final_test(learner, engine, validator, data_root / "test", episode_shape(config),
                                      episodes=config.test_episodes, inner_steps=config.test_inner_steps,
