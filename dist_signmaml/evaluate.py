@@ -17,7 +17,8 @@ import fire
 from dist_signmaml.algorithms.learner import to_learner_names
 from dist_signmaml.algorithms.rules import ALGORITHMS
 from dist_signmaml.artifacts import (BEST_WEIGHTS, FINAL_WEIGHTS, WeightsFileError, atomic_write_text,
-                                     load_learner_weights, non_finite_tensors, read_metadata)
+                                     export_names, load_learner_weights, non_finite_tensors,
+                                     read_metadata)
 from dist_signmaml.builders import build_learner, check_image_shape, episode_shape
 from dist_signmaml.config import ConfigError, TrainConfig
 from dist_signmaml.data.format import ShardFormatError
@@ -97,7 +98,7 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
     except ConfigError as error:
         raise EvaluationError(f"{file}: {error}") from None
     state = load_learner_weights(file)
-    bad = non_finite_tensors(state)
+    bad = non_finite_tensors(export_names(state))  # named as in the file
     if bad:
         engine.print0(f"warning: {file} holds non-finite weights ({', '.join(bad[:5])}): its accuracy is meaningless")
     try:
