@@ -127,7 +127,8 @@ class TrainConfig:
             raise ConfigError(f"unknown option(s) {', '.join('--' + u for u in unknown)}; known: {', '.join(sorted(known))}")
         config = cls(**options)
         config.validate()
-        config.given_options = dict(options)  # beside the resolved values in config.json (not a field)
+        # Every option as given (defaults included, before 0 = "auto" is resolved), for config.json; not a field.
+        config.given_options = {f.name: options.get(f.name, f.default) for f in fields(cls)}
         return config
 
     def validate(self) -> None:
