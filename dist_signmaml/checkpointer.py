@@ -232,7 +232,7 @@ class Checkpointer:
                 good = self._newest_good_checkpoint()
                 if good is not None:
                     self._check_resume_config(good)
-                    print(f"--resume: resuming from {good} (step {checkpoint_step(good)})", flush=True)
+                    print(f"--resume: continuing from {good}", flush=True)
                     return str(good)
                 if self.config.resume == "must":
                     raise ConfigError(f"--resume must: {self.out} holds no complete checkpoint to resume from "
@@ -298,6 +298,7 @@ class Checkpointer:
         if self.resume_from is None:
             return None
         self.engine.load_state(self.resume_from)
+        self.engine.print0(f"resumed from step {self.marker['step']}")
         if self.engine.is_main:
             (self.out / PREEMPTED_MARKER).unlink(missing_ok=True)  # a resumed run is no longer a stopped one
         return self.marker

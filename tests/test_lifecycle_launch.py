@@ -90,7 +90,8 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_then_a_resume_continues(tmp_pat
                                       "--out", out, "--resume", "must"))], child_env(cpu_ddp=False), timeout=240)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     step_dir = out / "checkpoints" / f"step_{stopped['step']:08d}"
-    assert f"--resume: resuming from {step_dir} (step {stopped['step']})" in resumed.stdout
+    assert f"--resume: continuing from {step_dir}" in resumed.stdout
+    assert f"resumed from step {stopped['step']}" in resumed.stdout
     assert not (out / PREEMPTED_MARKER).exists()
 
 
