@@ -11,8 +11,8 @@
       PREEMPTED                   while the newest checkpoint is a stop-on-signal one
 
 Exported weights carry backbone tensor names (`conv1.weight`, `head.bias`) and the learner's own tensors (learned
-step sizes) under theirs: algorithms.learner.to_export_names / to_learner_names is the one prefix rule, used here. This module needs no torch at import time, so
-that `sweep` and `plot` can name the files without loading it.
+step sizes) under theirs: algorithms.learner.to_export_names / to_learner_names is the one prefix rule, used here.
+This module needs no torch at import time, so that `sweep` and `plot` can name the files without loading it.
 """
 
 from __future__ import annotations

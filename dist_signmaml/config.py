@@ -106,7 +106,8 @@ class TrainConfig:
     workers: int = _field(0, "DataLoader worker processes per rank for the episode stream")
     window_shards: int = _field(8, "shards each stream keeps in memory")
     class_sampling: str = _field("balanced", "episode classes: balanced (each class equally likely) | proportional (to its image count)")
-    on_bad_sample: str = _field("error", "unreadable shard sample: error (stop, naming shard and member) | skip (warn, count in TensorBoard data/bad_samples_skipped)")
+    on_bad_sample: str = _field("error", "unreadable shard sample: error (stop, naming shard and member) | skip (warn, "
+                                         "count in TensorBoard data/bad_samples_skipped)")
     eval_episodes: int = _field(100, "fixed val-split episodes per validation; the best weights by val accuracy are kept (0 = no validation)")
     eval_every: int = _field(100, "meta-steps between validations (one also runs at the last step; 0 = only then)")
     test_episodes: int = _field(200, "fixed test-split episodes scored at the end with the best weights (0 = skip; paper: 1000)")

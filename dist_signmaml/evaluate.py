@@ -14,7 +14,6 @@ from pathlib import Path
 
 import fire
 
-from dist_signmaml.algorithms.learner import to_learner_names
 from dist_signmaml.algorithms.rules import ALGORITHMS
 from dist_signmaml.artifacts import (BEST_WEIGHTS, FINAL_WEIGHTS, WeightsFileError, atomic_write_text,
                                      export_names, load_learner_weights, non_finite_tensors,

@@ -201,7 +201,7 @@ def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "",
     if grid and len(methods) > 1:
         raise SweepError("--grid applies to one method; give a single --algos with it, or use the paper's grids")
     grids = {algo: as_list(grid, "grid", float) if grid else list(PAPER_GRIDS[algo]) for algo in methods}
-    for algo, values in grids.items():
+    for values in grids.values():
         if not values or min(values) <= 0:
             raise SweepError(f"--grid={grid!r} is invalid: expected positive learning rates")
     if not isinstance(max_extensions, int) or max_extensions < 0:
