@@ -60,22 +60,22 @@ def parse_run(spec: str) -> dict:
             "variant": algo + suffix}
 
 
-def train_options(run: dict, beta: float, steps: int, out: Path) -> list[str]:
+def train_options(run: dict, beta: float, steps: int, out: Path, eval_episodes: int) -> list[str]:
     every = max(1, steps // VALIDATIONS)
     options = {"ways": run["ways"], "shots": run["shots"], "queries": 1, "algo": run["algo"], "inner_lr": beta,
                "inner_steps": run["inner_steps"], "test_inner_steps": 10, "steps": steps, "seed": run["seed"],
-               "eval_episodes": 100, "eval_every": every, "ckpt_every": every, "test_episodes": 0,
+               "eval_episodes": eval_episodes, "eval_every": every, "ckpt_every": every, "test_episodes": 0,
                "log_every": 50, "data": str(DEFAULT_DATA), "out": str(out), "resume": True,
                "learn_inner_lr": "layer_step" if run["learned"] else "none",
                "multi_step_loss": run["multi_step_loss"]}
     return [f"--{k}={v}" for k, v in options.items()]
 
 
-def train(run: dict, beta: float, steps: int, out: Path) -> dict:
+def train(run: dict, beta: float, steps: int, out: Path, eval_episodes: int = 100) -> dict:
     """One training run, resumed from its newest checkpoint if an earlier attempt stopped; its results.json."""
     if not (out / RESULTS_JSON).is_file():
         out.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "dist_signmaml.train", *train_options(run, beta, steps, out)]
+        command = [sys.executable, "-m", "dist_signmaml.train", *train_options(run, beta, steps, out, eval_episodes)]
         with open(out / "train.log", "a") as log:
             log.write(f"$ {shlex.join(command)}\n")
             log.flush()
@@ -88,20 +88,20 @@ def train(run: dict, beta: float, steps: int, out: Path) -> dict:
     return json.loads((out / RESULTS_JSON).read_text())
 
 
-def choose_beta(run: dict, steps: int, work: Path) -> tuple[float, list[dict]]:
+def choose_beta(run: dict, steps: int, work: Path, eval_episodes: int) -> tuple[float, list[dict]]:
     """beta for a fixed-beta variant: given by hand, or the best of a grid of runs lasting GRID_FRACTION of the run."""
     if run["beta"] is not None or run["learned"]:
         return run["beta"] or DEFAULT_INNER_LR[run["algo"]], []
     grid = []
     for scale in GRID_SCALES:
         beta = float(f"{DEFAULT_INNER_LR[run['algo']] * scale:.6g}")
-        results = train(run, beta, max(1, int(steps * GRID_FRACTION)), work / f"grid_beta{beta:g}")
+        results = train(run, beta, max(1, int(steps * GRID_FRACTION)), work / f"grid_beta{beta:g}", eval_episodes)
         grid.append({"beta": beta, "best_val": results["best_val"]["accuracy"]})
     return max(grid, key=lambda g: g["best_val"])["beta"], grid
 
 
 def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str = str(RESULTS),
-             val_episodes: int = 300, test_episodes: int = 1000) -> None:
+             val_episodes: int = 300, test_episodes: int = 1000, eval_episodes: int = 100) -> None:
     """Train and score the runs of `plan` in order; each finished run's record goes to `record` (committed)."""
     runs = [parse_run(spec) for spec in str(plan).split(",") if spec.strip()]
     for run in runs:
@@ -111,9 +111,9 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
             continue
         full_steps = steps or STEPS[run["setting"]]
         run_dir = Path(work) / run["name"]
-        beta, grid = choose_beta(run, full_steps, run_dir)
+        beta, grid = choose_beta(run, full_steps, run_dir, eval_episodes)
         print(f"{run['name']}: beta {beta:g}, training {full_steps} steps in {run_dir}", flush=True)
-        results = train(run, beta, full_steps, run_dir / "final")
+        results = train(run, beta, full_steps, run_dir / "final", eval_episodes)
         protocol = score_run(run_dir / "final", val_episodes=val_episodes, test_episodes=test_episodes)
         record_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(run_dir / "final" / RESULTS_JSON, record_dir / RESULTS_JSON)

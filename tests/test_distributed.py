@@ -18,14 +18,17 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_ranks_match_one_process_for_sign_fo_and_maml(tmp_path, omniglot_root):
-    """2 ranks x 2 tasks == 1 process x 4 tasks, step by step and after 3 steps, for sign, fo and maml; and the same
+    """2 ranks x 2 tasks == 1 process x 4 tasks, step by step and after 3 steps, for sign, fo, maml and sign with
+    learned step sizes; and the same
     check catches a gradient summed over ranks and one that is not reduced at all (the script asserts both)."""
     result = run(two_cpu_ranks(SCRIPTS / "equivalence.py", "--data", omniglot_root, "--out", tmp_path,
-                               "--algos", "sign,fo,maml", "--steps", "3"), child_env(), timeout=240)
+                               "--algos", "sign,fo,maml,sign+lsl", "--steps", "3"), child_env(), timeout=300)
     assert result.returncode == 0, result.stdout[-6000:]
     report = json.loads((tmp_path / "equivalence_zero0.json").read_text())
     assert report["world_size"] == 2 and report["steps"] == 3
-    for algo in ("sign", "fo", "maml"):
+    # learned step sizes (sign+lsl): 2 ranks give the same sizes as 1 process, and the sizes did move
+    assert report["sign+lsl"]["step_sizes_moved"] > 1e3 * max(report["sign+lsl"]["step_error"], 1e-7)
+    for algo in ("sign", "fo", "maml", "sign+lsl"):
         numbers = report[algo]
         assert numbers["rank_spread"] == 0.0, (algo, numbers)
         assert numbers["step_error"] <= 1e-5, (algo, numbers)

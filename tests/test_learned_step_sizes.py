@@ -241,3 +241,49 @@ def test_step_sizes_get_their_own_outer_rate_and_the_schedule_is_a_pure_function
     moved = (getattr(learner, LOG_STEP_SIZES).detach() - before).abs()
     # Adam's first step moves every coordinate by about its group's rate: the sizes at 0.05, not at alpha
     assert moved.max().item() == pytest.approx(0.05, rel=1e-3)
+
+
+def saved_bytes(learner, support, query) -> int:
+    """Bytes the autograd graph of one meta-loss keeps for its backward: every tensor a node saved (the `_saved_*`
+    attributes of each grad_fn), counted once per storage. (torch.func.grad refuses saved-tensor hooks, so the
+    graph is walked instead.)"""
+    loss = learner(*support, *query, progress=0.0).loss
+    storages, stack, visited = {}, [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for attribute in dir(node):
+            if attribute.startswith("_saved_"):
+                value = getattr(node, attribute)
+                for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(tensor, torch.Tensor) and tensor.numel():
+                        storage = tensor.untyped_storage()
+                        storages[storage.data_ptr()] = storage.nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("multi_step", [False, True])
+def test_sign_graph_memory_is_flat_in_inner_steps_up_to_one_direction_per_learned_step(multi_step):
+    """Fixed beta: what backward keeps does not grow with m (eq. 14 needs the query graph only; the multi-step loss
+    keeps one running sum). Learned sizes add one parameter-sized direction per step (and, with the multi-step
+    loss, that step's query gradient): parameters, never activations."""
+    model, support, query = tiny_problem(17)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # (m = 1 with the multi-step loss is the plain loss: compare two multi-step lengths)
+    lengths = (2, 5) if multi_step else (1, 4)
+    fixed = [saved_bytes(MetaLearner(model, make_rule("sign"), 0.05, m, "loop", multi_step_loss=multi_step),
+                         support, query) for m in lengths]
+    assert fixed[1] <= fixed[0] + 1024, fixed
+    learned = [saved_bytes(MetaLearner(model, make_rule("sign"), 0.05, m, "loop", learn_inner_lr="layer_step",
+                                       multi_step_loss=multi_step), support, query) for m in lengths]
+    growth = learned[1] - learned[0]
+    # 3 more steps, per task one direction each (and the multi-step loss's query gradient g_t)
+    directions = TASKS * 3 * parameter_bytes * (2 if multi_step else 1)
+    # plus a few scalars per step (the sizes' exp and indexing): under 200 bytes per step and task
+    assert directions <= growth <= directions + TASKS * 3 * 200, (learned, parameter_bytes)
+    # the MAML graph, by contrast, grows with m by whole support passes
+    maml = [saved_bytes(MetaLearner(model, make_rule("maml"), 0.05, m, "loop"), support, query) for m in lengths]
+    assert maml[1] - maml[0] > 4 * growth

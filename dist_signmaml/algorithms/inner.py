@@ -6,7 +6,7 @@ loop over tasks, or vectorised with torch.func.vmap.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -128,12 +128,17 @@ def multi_step_query_loss(model: nn.Module, params: Params, support_x, support_y
     MAML keeps the whole graph (its meta-gradient needs it anyway). For first-order rules y_t = x - sum_s beta_s d_s
     with constant d_s, so the gradient of l_query(y_t) reaches x and beta only through y_t: each step's query
     gradient g_t = grad l_query(y_t) is computed at once at detached weights (its activations are freed before the
-    next step) and enters a surrogate sum_t w_t <g_t, y_t>, whose gradient is exactly sum_t w_t dl_query(y_t)/d(x,
-    beta) (for sign eq. 14 at every step). The returned value is the true weighted loss; its gradient is the
-    surrogate's.
+    next step) and enters a surrogate whose gradient is exactly sum_t w_t dl_query(y_t)/d(x, beta) (for sign
+    eq. 14 at every step):
+    - fixed beta: dy_t/dx = I, so the surrogate is <sum_t w_t g_t, x>, one running parameter-sized sum;
+    - learned beta: sum_t w_t <g_t, y_t>, which keeps g_t and d_t per step (what d/d(beta_s) needs).
+    The returned value is the true weighted loss; its gradient is the surrogate's.
     """
     values, logits_at = [], {}
-    surrogate = []
+    learnable = any(isinstance(size, torch.Tensor) and size.requires_grad
+                    for step in (lr if isinstance(lr, Sequence) else [lr])
+                    for size in (step.values() if isinstance(step, Mapping) else [step]))
+    surrogate, weighted_gradient = [], {}
 
     def query_loss_and_logits(p):
         logits = functional_call(model, p, (query_x,))
@@ -148,11 +153,18 @@ def multi_step_query_loss(model: nn.Module, params: Params, support_x, support_y
             gradient, (loss, logits) = grad_and_value(query_loss_and_logits, has_aux=True)(
                 {name: p.detach() for name, p in adapted.items()})
             values.append(weight * loss.detach())
-            surrogate.append(weight * sum((gradient[name] * adapted[name]).sum() for name in adapted))
+            if learnable:
+                surrogate.append(weight * sum((gradient[name] * adapted[name]).sum() for name in adapted))
+            else:
+                for name, g in gradient.items():
+                    weighted_gradient[name] = weighted_gradient[name] + weight * g if name in weighted_gradient \
+                        else weight * g
         logits_at["last"] = logits
 
     adapt(model, params, support_x, support_y, rule=rule, steps=steps, lr=lr, differentiate_through=True,
           adapted_names=adapted_names, after_step=score)
+    if weighted_gradient:
+        surrogate.append(sum((weighted_gradient[name] * params[name]).sum() for name in params))
     total = torch.stack(values).sum()
     if surrogate:
         linear = torch.stack(surrogate).sum()

@@ -29,6 +29,7 @@ import copy
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from dist_signmaml.algorithms.learner import LOG_STEP_SIZES
 from dist_signmaml.engine import DistributedSetupError, Engine
 from meta_harness import (flat_parameters, global_batches, make_learner, max_difference, report, share,
                           train_reference)
@@ -107,7 +108,7 @@ def check_algorithm(engine: Engine, algo: str, batches, lr: float) -> dict:
     reference = flat_parameters(train_reference(initial, batches, lr))
     moved = max_difference(reference, flat_parameters(initial))
     assert moved > 10 * BROKEN_MINIMUM, f"{algo}: the reference hardly trained ({moved:.2e}); the check would be void"
-    end_tolerance = SIGN_DRIFT * moved if algo == "sign" else STEP_TOLERANCE
+    end_tolerance = SIGN_DRIFT * moved if algo.startswith("sign") else STEP_TOLERANCE
     name = f"ZeRO-{engine.zero_stage}" if engine.zero_stage else "DDP"
     result = {"moved": moved, "end_tolerance": end_tolerance}
 
@@ -129,6 +130,9 @@ def check_algorithm(engine: Engine, algo: str, batches, lr: float) -> dict:
     assert spread == 0.0, f"{algo}: {name} ranks disagree by {spread:.3e}"
     assert step_error <= STEP_TOLERANCE, f"{algo}: {name} per-step difference {step_error:.3e} > {STEP_TOLERANCE}"
     assert end_error <= end_tolerance, f"{algo}: {name} after {len(batches)} steps differs by {end_error:.3e} > {end_tolerance:.1e}"
+    if hasattr(initial, LOG_STEP_SIZES):  # learned step sizes: the same check covers them; say how far they moved
+        result["step_sizes_moved"] = max_difference(getattr(trained, LOG_STEP_SIZES).detach().reshape(-1).cpu(),
+                                                    getattr(initial, LOG_STEP_SIZES).detach().reshape(-1))
     return result | {"step_error": step_error, "end_error": end_error, "rank_spread": spread}
 
 

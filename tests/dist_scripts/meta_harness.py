@@ -23,10 +23,13 @@ SHAPE = EpisodeShape(ways=3, shots=1, queries=1)  # tiny: these scripts check ar
 HIDDEN = 16
 
 
-def make_learner(algo: str, seed: int) -> MetaLearner:
+def make_learner(spec: str, seed: int) -> MetaLearner:
+    """`spec` is an algorithm, or `<algo>+lsl` for learned step sizes per tensor and inner step (2 inner steps)."""
+    algo, _, learned = spec.partition("+")
     torch.manual_seed(seed)
     model = build_backbone("conv4", in_channels=1, ways=SHAPE.ways, hidden=HIDDEN, image_size=28)
-    return MetaLearner(model, make_rule(algo, 0.9), DEFAULT_INNER_LR[algo], inner_steps=1, task_parallel="loop")
+    return MetaLearner(model, make_rule(algo, 0.9), DEFAULT_INNER_LR[algo], inner_steps=2 if learned else 1,
+                       task_parallel="loop", learn_inner_lr="layer_step" if learned else "none")
 
 
 def global_batches(data_root: str | Path, meta_batch: int, steps: int, seed: int) -> list[Episodes]:

@@ -1,0 +1,145 @@
+"""The fidelity table and figures from the committed per-run records (bench/results/fidelity/<run>/).
+
+    python -m bench.fidelity summary            # -> bench/results/fidelity/fidelity.md, fidelity.json, *.png
+
+Per (setting, inner steps m, variant), over seeds: test accuracy with the protocol chosen on validation (mean, the
+spread over seeds, and each run's 95% interval over episodes), the paper's protocol (10 steps at the training beta),
+the best validation accuracy, whether validation had plateaued, time to a validation target, and the learned step
+sizes per tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from bench.protocol import PROTOCOL_JSON
+
+RESULTS_JSON = "results.json"
+PLATEAU_SHARE = 0.2  # validation has plateaued when the last 20% of steps raised the best accuracy by
+PLATEAU_POINTS = 0.5  # less than this many points
+
+
+def load_records(root: Path) -> list[dict]:
+    from bench.fidelity import parse_run
+
+    records = []
+    for directory in sorted(p for p in root.iterdir() if (p / PROTOCOL_JSON).is_file()):
+        run = parse_run(directory.name.replace("_", ":"))
+        records.append(run | {"results": json.loads((directory / RESULTS_JSON).read_text()),
+                              "protocol": json.loads((directory / PROTOCOL_JSON).read_text())})
+    return records
+
+
+def plateau_gain(history: list[dict], steps: int) -> float:
+    """Points of best validation accuracy gained over the last PLATEAU_SHARE of the run."""
+    cut = steps * (1 - PLATEAU_SHARE)
+    before = [h["accuracy"] for h in history if h["step"] <= cut]
+    if not before:
+        return float("nan")
+    return 100 * (max(h["accuracy"] for h in history) - max(before))
+
+
+def time_to_target(history: list[dict], target: float, seconds_per_step: float) -> dict:
+    """First validation at or above `target`: its meta-step and the training seconds to reach it."""
+    for h in history:
+        if h["accuracy"] >= target:
+            return {"step": h["step"], "seconds": h["step"] * seconds_per_step}
+    return {"step": None, "seconds": None}
+
+
+def group_rows(records: list[dict]) -> list[dict]:
+    from bench.fidelity import TARGETS
+
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["setting"], record["inner_steps"], record["variant"]), []).append(record)
+    rows = []
+    for (setting, m, variant), runs in groups.items():
+        chosen = [r["protocol"]["test_chosen"] for r in runs]
+        paper = [r["protocol"]["test_paper"] for r in runs]
+        seconds = [r["results"]["seconds_per_meta_iteration"]["mean"] for r in runs]
+        steps = runs[0]["results"]["steps"]
+        reach = [time_to_target(r["results"]["val_history"], TARGETS[setting], s) for r, s in zip(runs, seconds)]
+        rows.append({
+            "setting": setting, "inner_steps": m, "variant": variant, "seeds": [r["seed"] for r in runs],
+            "steps": steps, "beta": runs[0]["results"]["config"]["inner_lr"],
+            "test_chosen_mean": statistics.fmean(c["accuracy"] for c in chosen),
+            "test_chosen_seed_spread": (max(c["accuracy"] for c in chosen) - min(c["accuracy"] for c in chosen)),
+            "test_chosen_ci95": [c["ci95"] for c in chosen],
+            "chosen_cells": [r["protocol"]["chosen"] for r in runs],
+            "test_paper_mean": statistics.fmean(p["accuracy"] for p in paper),
+            "test_paper_ci95": [p["ci95"] for p in paper],
+            "best_val_mean": statistics.fmean(r["results"]["best_val"]["accuracy"] for r in runs),
+            "plateau_gain_points": [plateau_gain(r["results"]["val_history"], steps) for r in runs],
+            "seconds_per_meta_step": statistics.fmean(seconds),
+            "cpu_hours": sum(s * steps for s in seconds) / 3600,
+            "time_to_target": reach, "target": TARGETS[setting],
+            "step_sizes": [r["results"].get("inner_lr_learned") or {} for r in runs],
+            "test_curve": runs[0]["protocol"]["test_curve_at_scale_1"]})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| setting | m | variant | seeds | meta-steps | test, protocol chosen on val (mean; spread over seeds; "
+             "95% CI) | chosen (steps × β scale) | test, paper's protocol (10 × 1) | best val | last-20% gain | "
+             "s / meta-step | to val target |", "|" + " --- |" * 12]
+    for r in rows:
+        cells = ", ".join(f"{c['inner_steps']}×{c['lr_scale']:g}" for c in r["chosen_cells"])
+        reach = ", ".join("—" if t["step"] is None else f"{t['step']} ({t['seconds'] / 60:.1f} min)"
+                          for t in r["time_to_target"])
+        ci = "/".join(f"{100 * c:.2f}" for c in r["test_chosen_ci95"])
+        gain = "/".join(f"{g:+.2f}" for g in r["plateau_gain_points"])
+        lines.append(f"| {r['setting']} | {r['inner_steps']} | {r['variant']} | {len(r['seeds'])} | {r['steps']} | "
+                     f"**{100 * r['test_chosen_mean']:.2f}%**; ±{100 * r['test_chosen_seed_spread'] / 2:.2f}; "
+                     f"±{ci} | {cells} | {100 * r['test_paper_mean']:.2f}% | {100 * r['best_val_mean']:.2f}% | "
+                     f"{gain} | {r['seconds_per_meta_step']:.3f} | {reach} (≥{100 * r['target']:.0f}%) |")
+    lines.append("")
+    learned = [r for r in rows if r["step_sizes"] and r["step_sizes"][0]]
+    for r in learned:
+        lines += [f"Learned step sizes, {r['setting']} m={r['inner_steps']} {r['variant']} (seed {r['seeds'][0]}; "
+                  f"initial β = {r['beta']:g}; value per trained step and × initial):", "",
+                  "| tensor | β per step | × initial |", "| --- | --- | --- |"]
+        initial = r["beta"]
+        for name, sizes in r["step_sizes"][0].items():
+            sizes = sizes if isinstance(sizes, list) else [sizes]
+            values = ", ".join(f"{s:.4g}" for s in sizes)
+            ratios = ", ".join(f"{s / initial:.2f}" for s in sizes)
+            lines.append(f"| {name} | {values} | {ratios} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    from dist_signmaml.plot import plt, save
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{r['setting']} m{r['inner_steps']} {r['variant']}" for r in rows]
+    left.barh(range(len(rows)), [100 * r["test_chosen_mean"] for r in rows],
+              xerr=[100 * max(r["test_chosen_ci95"]) for r in rows], color="C0", label="protocol chosen on val")
+    left.scatter([100 * r["test_paper_mean"] for r in rows], range(len(rows)), color="C3", zorder=3,
+                 label="paper's protocol (10 steps)")
+    left.set_yticks(range(len(rows)), labels, fontsize=8)
+    left.set(xlabel="test accuracy (%)", title="Omniglot test accuracy")
+    left.legend(fontsize=8)
+    for r, label in zip(rows, labels):
+        right.plot(range(len(r["test_curve"])), [100 * a for a in r["test_curve"]], marker=".", label=label)
+    right.set(xlabel="inner steps at test (training β)", ylabel="test accuracy (%)",
+              title="Accuracy after each test-time inner step")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    save(figure, out / "fidelity.png")
+
+
+def summarize(root: str = "") -> list[dict]:
+    from bench.fidelity import RESULTS
+
+    root = Path(root) if root else RESULTS
+    rows = group_rows(load_records(root))
+    (root / "fidelity.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (root / "fidelity.md").write_text(markdown(rows))
+    if rows:
+        plot(rows, root)
+    print((root / "fidelity.md").read_text())
+    return rows

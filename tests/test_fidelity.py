@@ -1,0 +1,88 @@
+"""bench.protocol (test protocol chosen on validation) and bench.fidelity (the resumable Omniglot grid)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench.fidelity import FidelityError, parse_run
+from bench.fidelity_summary import group_rows, markdown, plateau_gain, time_to_target
+from bench.protocol import PAPER_CELL, TEST_STEPS, cell, choose_cell, grid_scores
+
+pytestmark = pytest.mark.unit
+
+
+def test_run_specs_name_setting_steps_variant_and_seed():
+    run = parse_run("20w1s:m5:sign-lsl-msl:s1")
+    assert (run["ways"], run["shots"], run["inner_steps"], run["algo"], run["seed"]) == (20, 1, 5, "sign", 1)
+    assert run["learned"] and run["multi_step_loss"] and run["beta"] is None
+    assert run["name"] == "20w1s_m5_sign-lsl-msl_s1" and run["variant"] == "sign-lsl-msl"
+    assert parse_run("5w1s:m1:fo-b0.1:s0")["beta"] == 0.1
+    for bad in ("20w1s:sign:s0", "20w1s:m1:adam:s0", "20w:m1:sign:s0"):
+        with pytest.raises(FidelityError, match="--plan"):
+            parse_run(bad)
+
+
+def test_grid_scores_every_cell_from_one_curve_per_scale_and_the_choice_prefers_fewer_steps():
+    # 4 episodes, accuracy after 0..20 steps: scale 1 peaks at 3 steps, scale 0.5 ties it at 5
+    steps = torch.arange(21, dtype=torch.float64)
+    peak_at_3 = (0.5 + 0.1 * torch.minimum(steps, torch.tensor(3.0)) - 0.01 * (steps > 3).double() * (steps - 3))
+    curves = {1.0: peak_at_3.expand(4, -1), 0.5: (0.6 + 0.2 * (steps >= 5).double()).expand(4, -1),
+              2.0: torch.full((4, 21), 0.3, dtype=torch.float64)}
+    cells = grid_scores(curves)
+    assert len(cells) == 3 * len(TEST_STEPS)
+    assert cell(cells, 3, 1.0)["accuracy"] == pytest.approx(0.8) and cell(cells, 3, 1.0)["ci95"] == 0.0
+    assert cell(cells, *PAPER_CELL)["accuracy"] == pytest.approx(0.8 - 0.07)
+    chosen = choose_cell(cells)
+    assert (chosen["inner_steps"], chosen["lr_scale"]) == (3, 1.0)  # 0.8 at 3 steps beats 0.8 at 5
+
+
+def test_plateau_and_time_to_target_read_the_validation_history():
+    history = [{"step": s, "accuracy": a} for s, a in ((100, 0.5), (200, 0.74), (300, 0.76), (400, 0.762),
+                                                       (500, 0.765))]
+    assert plateau_gain(history, 500) == pytest.approx(100 * (0.765 - 0.762))
+    assert time_to_target(history, 0.75, 0.2) == {"step": 300, "seconds": pytest.approx(60.0)}
+    assert time_to_target(history, 0.9, 0.2) == {"step": None, "seconds": None}
+
+
+def record(seed, accuracy, paper, sizes=None):
+    return {"setting": "20w1s", "inner_steps": 1, "variant": "sign-lsl", "seed": seed,
+            "results": {"steps": 100, "config": {"inner_lr": 0.005}, "best_val": {"accuracy": accuracy + 0.01},
+                        "seconds_per_meta_iteration": {"mean": 0.3},
+                        "val_history": [{"step": 50, "accuracy": 0.7}, {"step": 100, "accuracy": 0.76}],
+                        "inner_lr_learned": sizes},
+            "protocol": {"test_chosen": {"accuracy": accuracy, "ci95": 0.006, "inner_steps": 1, "lr_scale": 1.0},
+                         "chosen": {"inner_steps": 1, "lr_scale": 1.0},
+                         "test_paper": {"accuracy": paper, "ci95": 0.007}, "test_curve_at_scale_1": [0.05, accuracy]}}
+
+
+def test_seeds_are_averaged_with_their_spread_and_the_table_shows_the_learned_sizes():
+    rows = group_rows([record(0, 0.78, 0.70, {"head.weight": [0.01]}), record(1, 0.80, 0.72)])
+    (row,) = rows
+    assert row["seeds"] == [0, 1] and row["test_chosen_mean"] == pytest.approx(0.79)
+    assert row["test_chosen_seed_spread"] == pytest.approx(0.02) and row["test_paper_mean"] == pytest.approx(0.71)
+    assert row["time_to_target"][0] == {"step": 100, "seconds": pytest.approx(30.0)}
+    assert row["cpu_hours"] == pytest.approx(2 * 0.3 * 100 / 3600)
+    table = markdown(rows)
+    assert "**79.00%**; ±1.00; ±0.60/0.60" in table and "| 70.00% / 72.00%" not in table and "71.00%" in table
+    assert "| head.weight | 0.01 | 2.00 |" in table
+
+
+@pytest.mark.integration
+def test_a_tiny_plan_trains_scores_and_records_a_run_and_skips_it_when_rerun(tmp_path, omniglot_root, capsys):
+    from bench.fidelity import run_plan
+
+    options = dict(plan="5w1s:m2:sign-lsl:s0", work=str(tmp_path / "work"), steps=2, record=str(tmp_path / "rec"),
+                   val_episodes=4, test_episodes=4, eval_episodes=4)
+    run_plan(**options)
+    directory = tmp_path / "rec" / "5w1s_m2_sign-lsl_s0"
+    protocol = json.loads((directory / "protocol.json").read_text())
+    results = json.loads((directory / "results.json").read_text())
+    assert results["config"]["learn_inner_lr"] == "layer_step" and results["config"]["inner_steps"] == 2
+    assert protocol["test_episodes"] == 4 and len(protocol["val_grid"]) == 18
+    assert protocol["test_chosen"] == cell(protocol["test_grid"], protocol["chosen"]["inner_steps"],
+                                           protocol["chosen"]["lr_scale"])
+    run_plan(**options)
+    assert "5w1s_m2_sign-lsl_s0: done" in capsys.readouterr().out

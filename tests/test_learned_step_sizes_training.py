@@ -1,0 +1,56 @@
+"""Learned step sizes through the real trainer: logged, recorded, exported, evaluated, and kept by a resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from dist_signmaml.algorithms.learner import LOG_STEP_SIZES
+from tests.dist_scripts.launching import TINY_TRAIN, TRAIN, child_env, run
+
+PYTHON_TRAIN = [sys.executable, *TRAIN]
+
+pytestmark = pytest.mark.integration
+
+LEARNED = ["--learn_inner_lr", "layer_step", "--inner_steps", "2", "--inner_lr_lr", "0.05", "--multi_step_loss",
+           "True", "--outer_lr_schedule", "cosine", "--steps", "6", "--ckpt_every", "3", "--keep_checkpoints", "2"]
+
+
+def test_learned_step_sizes_are_trained_logged_exported_and_survive_a_resume(tmp_path, omniglot_root):
+    straight = tmp_path / "straight"
+    first = run(PYTHON_TRAIN + TINY_TRAIN + LEARNED + ["--data", str(omniglot_root), "--out", str(straight)], child_env(),
+                timeout=240)
+    assert first.returncode == 0, first.stdout[-4000:]
+    results = json.loads((straight / "results.json").read_text())
+    learned = results["inner_lr_learned"]
+    exported = load_file(str(straight / "model.safetensors"))
+    backbone = sorted(k for k in exported if k != LOG_STEP_SIZES)
+    assert sorted(learned) == backbone and all(len(v) == 2 for v in learned.values())  # one size per tensor and step
+    assert exported[LOG_STEP_SIZES].shape == (len(backbone), 2)
+    assert max(abs(v - 0.005) for sizes in learned.values() for v in sizes) > 1e-4, "the step sizes never moved"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for directory in sorted(p for p in (straight / "tb").rglob("*") if p.is_dir()) + [straight / "tb"]:
+        events = EventAccumulator(str(directory), size_guidance={"scalars": 0}).Reload()
+        tags |= set(events.Tags().get("scalars", []))
+    assert {f"inner/lr/{name}/step{k}" for name in learned for k in (1, 2)} <= tags
+
+    # resume from the step-3 checkpoint: the same sizes, bit for bit
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    for name in ("model.safetensors", "results.json", "results.md"):
+        (resumed / name).unlink(missing_ok=True)
+    second = run(PYTHON_TRAIN + TINY_TRAIN + LEARNED + ["--data", str(omniglot_root), "--out", str(resumed), "--resume",
+                                                 "True"], child_env(), timeout=240)
+    assert second.returncode == 0, second.stdout[-4000:]
+    assert "resumed from step 3" in second.stdout
+    assert json.loads((resumed / "results.json").read_text())["inner_lr_learned"] == learned
+    again = load_file(str(resumed / "model.safetensors"))
+    assert all((again[k] == exported[k]).all() for k in exported)
