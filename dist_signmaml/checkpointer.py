@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dist_signmaml.artifacts import (ALL_RUN_FILES, CHECKPOINT_DIR, LOCK_FILE, PREEMPTED_MARKER,
                                      RUN_OUTPUTS, TENSORBOARD_DIR, TRAIN_STATE, atomic_write_text)
-from dist_signmaml.config import MAY_CHANGE_ON_RESUME, ConfigError, TrainConfig
+from dist_signmaml.config import ConfigError, TrainConfig
 from dist_signmaml.preemption import GracefulStop
 
 PARTIAL_SUFFIX = ".partial"
@@ -269,7 +269,7 @@ class Checkpointer:
         if differences:
             raise ConfigError(f"--resume: {checkpoint} was trained with other options ({'; '.join(differences)}); "
                               f"these change the model or the algorithm, so resume with the original values or start "
-                              f"another --out (options that may change: {', '.join(sorted(MAY_CHANGE_ON_RESUME))})")
+                              f"another --out (docs/run_lifecycle.md lists the options that may change)")
 
     def _claim_fresh(self) -> None:
         """A fresh run owns the directory: another run's checkpoints or outputs are refused unless --overwrite."""
