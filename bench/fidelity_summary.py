@@ -54,13 +54,13 @@ def group_rows(records: list[dict]) -> list[dict]:
 
     groups: dict[tuple, list[dict]] = {}
     for record in records:
-        groups.setdefault((record["setting"], record["inner_steps"], record["variant"]), []).append(record)
+        key = (record["setting"], record["inner_steps"], record["variant"], record["results"]["steps"])
+        groups.setdefault(key, []).append(record)  # seeds of one budget only: another budget is another row
     rows = []
-    for (setting, m, variant), runs in groups.items():
+    for (setting, m, variant, steps), runs in groups.items():
         chosen = [r["protocol"]["test_chosen"] for r in runs]
         paper = [r["protocol"]["test_paper"] for r in runs]
         seconds = [r["results"]["seconds_per_meta_iteration"]["mean"] for r in runs]
-        steps = runs[0]["results"]["steps"]
         reach = [time_to_target(r["results"]["val_history"], TARGETS[setting], s) for r, s in zip(runs, seconds)]
         rows.append({
             "setting": setting, "inner_steps": m, "variant": variant, "seeds": [r["seed"] for r in runs],

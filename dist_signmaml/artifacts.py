@@ -1,7 +1,8 @@
 """The run directory: every file name a run writes (defined here only), atomic writes, and the exported weights.
 
     OUT/
-      config.json                 the resolved configuration (and the options as given)
+      config.json                 the resolved configuration (and the options as given); config.yaml the same
+      manifest.json               hosts, versions, command line and status of every session
       run.lock                    PID and host of the live run (see checkpointer.RunLock)
       checkpoints/step_N/         Accelerate state + train_state.json (the completion marker, written last)
       tb/                         TensorBoard events (one run), tb/final: hparams with the final metrics
@@ -23,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 CONFIG_JSON = "config.json"
+CONFIG_YAML = "config.yaml"  # the same values, readable by `--config RUN/config.yaml` (config_files)
+MANIFEST_JSON = "manifest.json"  # what ran where, per session (manifest)
+PROFILE_DIR = "profile"  # torch.profiler traces of --profile_steps (profiling)
 LOCK_FILE = "run.lock"
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_STATE = "train_state.json"  # the completion marker of a checkpoint: written last, after every rank's files
@@ -37,8 +41,8 @@ TRAIN_LOG = "train.log"  # a sweep run's output
 # What a finished or resumable run leaves: a fresh run refuses a directory holding any of these (checkpointer).
 RUN_OUTPUTS = (CHECKPOINT_DIR, FINAL_WEIGHTS, BEST_WEIGHTS, RESULTS_JSON)
 # What --overwrite removes (never anything else in the directory).
-ALL_RUN_FILES = (CONFIG_JSON, CHECKPOINT_DIR, TENSORBOARD_DIR, FINAL_WEIGHTS, BEST_WEIGHTS, RESULTS_JSON, RESULTS_MD,
-                 PREEMPTED_MARKER)
+ALL_RUN_FILES = (CONFIG_JSON, CONFIG_YAML, MANIFEST_JSON, CHECKPOINT_DIR, TENSORBOARD_DIR, PROFILE_DIR, FINAL_WEIGHTS,
+                 BEST_WEIGHTS, RESULTS_JSON, RESULTS_MD, PREEMPTED_MARKER)
 
 
 class WeightsFileError(ValueError):

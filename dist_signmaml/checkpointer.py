@@ -200,6 +200,7 @@ class Checkpointer:
         self.marker: dict | None = None
         self.components: dict = {}
         self.stop: GracefulStop | None = None
+        self._on_stop: list = []
 
     # -- before any work
     def claim(self) -> int:
@@ -318,6 +319,11 @@ class Checkpointer:
                 warn(f"the {name} differs from the checkpoint's, so the resumed run sees other episodes than an "
                      f"uninterrupted one: {'; '.join(component.resume_differences(saved))}")
 
+    def on_stop(self, *callbacks) -> None:
+        """Run these (e.g. close the profiler, mark the manifest stopped) after a stop-on-signal checkpoint, before
+        the process exits for a requeue."""
+        self._on_stop.extend(callbacks)
+
     # -- at every step boundary
     def after_step(self, step: int) -> None:
         """Save on the cadence and at the last step; on a stop signal (any rank) save this step and exit for a
@@ -325,6 +331,8 @@ class Checkpointer:
         if self.stop.requested() and step != self.last_step:
             self.save(step, stopped_by=self.stop.reason)
             self.engine.end()
+            for callback in self._on_stop:
+                callback()
             self.close()
             self.stop.exit(self.out, step, self.engine.is_main)
         if step % self.every == 0 or step == self.last_step:

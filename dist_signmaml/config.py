@@ -14,6 +14,8 @@ from pathlib import Path
 from dist_signmaml.algorithms.learner import LEARNED_STEP_SIZES, TASK_PARALLEL_MODES
 from dist_signmaml.algorithms.rules import ALGORITHMS
 from dist_signmaml.optim import OUTER_LR_SCHEDULES
+from dist_signmaml.profiling import normalize_profile_steps, parse_profile_steps
+from dist_signmaml.trackers import check_log_with, normalize_log_with
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout; every other module takes it from here
 DEFAULT_DATA = REPO_ROOT / "data" / "shards" / "omniglot-28"
@@ -48,6 +50,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "steps", "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "eval_episodes", "test_episodes",
     "test_inner_steps", "workers", "window_shards", "resume", "overwrite", "out", "data", "dist_timeout",
     "on_bad_sample", "on_nonfinite", "task_parallel", "compile", "compile_backend", "activation_checkpointing",
+    "log_with", "project", "profile_steps",
 })
 NONFINITE_POLICIES = ("stop", "skip_step")
 
@@ -115,21 +118,35 @@ class TrainConfig:
     dist_timeout: float = _field(300.0, "seconds a collective waits for a dead or hung rank before the run fails")
     on_nonfinite: str = _field("stop", "non-finite loss or meta-gradient on any rank: stop (error naming step and rank; "
                                        "the last good checkpoint is kept) | skip_step (skip that update, count it)")
+    # Trackers, the run record and profiling (docs/cluster.md)
+    log_with: str = _field("tensorboard", "trackers, comma-separated: any of tensorboard, wandb, mlflow ('' = none)")
+    project: str = _field("dist_signmaml", "wandb project and MLflow experiment of the run (the run is named after --out)")
+    profile_steps: str = _field("", "A:B = record a torch.profiler trace of meta-steps A to B on every rank into "
+                                    "OUT/profile ('' = off)")
 
     def __post_init__(self):
         if self.inner_lr == 0.0 and self.algo in DEFAULT_INNER_LR:
             self.inner_lr = DEFAULT_INNER_LR[self.algo]
+        self.log_with = normalize_log_with(self.log_with)
+        self.profile_steps = normalize_profile_steps(self.profile_steps)
 
     @classmethod
     def from_options(cls, **options) -> "TrainConfig":
+        """The config of the flags in `options`; `config=FILE` (--config) reads a YAML/TOML file first, and the
+        other flags override its values."""
+        from dist_signmaml.config_files import CONFIG_FLAG, blame_config_file, read_config_file
+
+        config_file = options.pop(CONFIG_FLAG, None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join('--' + u for u in unknown)}; known: {', '.join(sorted(known))}")
-        config = cls(**options)
-        config.validate()
+        from_file = read_config_file(config_file, cls) if config_file else {}
+        with blame_config_file(config_file, set(from_file) - set(options)):
+            config = cls(**(from_file | options))
+            config.validate()
         # Every option as given (defaults included, before 0 = "auto" is resolved), for config.json; not a field.
-        config.given_options = {f.name: options.get(f.name, f.default) for f in fields(cls)}
+        config.given_options = {f.name: (from_file | options).get(f.name, f.default) for f in fields(cls)}
         return config
 
     def validate(self) -> None:
@@ -169,6 +186,7 @@ class TrainConfig:
         need(self.zero_stage in (0, 1, 2), "zero_stage", "0 (DDP), 1 or 2; ZeRO-3 partitions the parameters, which "
              "the functional inner loop needs whole")
         need(isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0, "dist_timeout", "a positive number of seconds")
+        self._validate_cluster_options()
         self._validate_backbone_options(need)
 
     def _validate_backbone_options(self, need) -> None:
@@ -204,6 +222,15 @@ class TrainConfig:
             if before != now:
                 differences.append(f"--{f.name}: {before!r} -> {now!r}")
         return differences
+
+    def _validate_cluster_options(self) -> None:
+        try:
+            check_log_with(self.log_with)
+            parse_profile_steps(self.profile_steps, self.steps)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if not (isinstance(self.project, str) and self.project):
+            raise ConfigError(f"--project={self.project!r} is invalid: expected a non-empty name")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.tracking import TensorBoardTracker
 from accelerate.utils import (DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs,
                                broadcast_object_list, set_seed)
 
 from dist_signmaml.artifacts import TENSORBOARD_DIR, non_finite_tensors, save_weights
+from dist_signmaml.trackers import tracker_names, tracker_settings
 
 
 class DistributedSetupError(RuntimeError):
@@ -105,8 +107,12 @@ class Engine:
         # rewriting module state inside forward.
         handlers = [DistributedDataParallelKwargs(broadcast_buffers=False),
                     process_group_kwargs(self.timeout_s, deepspeed_on_cpu=bool(deepspeed) and not torch.cuda.is_available())]
-        self.accelerator = Accelerator(log_with=log_with, project_dir=str(self.out_dir), kwargs_handlers=handlers,
-                                       deepspeed_plugin=deepspeed)
+        # TensorBoard is built here so that it writes to OUT/tb whatever the project name of wandb and MLflow is.
+        self.trackers = tracker_names(log_with)
+        trackers = [TensorBoardTracker(TENSORBOARD_DIR, str(self.out_dir)) if name == "tensorboard" else name
+                    for name in self.trackers]
+        self.accelerator = Accelerator(log_with=trackers or None, project_dir=str(self.out_dir),
+                                       kwargs_handlers=handlers, deepspeed_plugin=deepspeed)
         self._check_world()
         if self.zero_stage and self.accelerator.distributed_type != DistributedType.DEEPSPEED:
             raise DistributedSetupError(self._deepspeed_misuse(self.accelerator.distributed_type.value))
@@ -306,22 +312,41 @@ class Engine:
         return self.accelerator.unwrap_model(learner)
 
     # ---- tracking ---------------------------------------------------------------------------------------------
-    def start_tracking(self, first_step: int = 0):
-        """TensorBoard in OUT/tb, one event stream per run directory. A resumed run purges the events a stopped or
-        killed session logged after its checkpoint (SummaryWriter's purge_step), so no step appears twice. The config
-        goes to config.json and the text tab; hparams with the final metrics are written at the end (tb/final).
-        Tracker calls run on the main process only (Accelerate handles that)."""
-        self.accelerator.init_trackers(TENSORBOARD_DIR, init_kwargs={"tensorboard": {"purge_step": first_step + 1}
-                                                                      if first_step else {}})
+    def start_tracking(self, hparams: dict, project: str = "dist_signmaml", first_step: int = 0):
+        """Start the trackers: TensorBoard in OUT/tb, one event stream per run directory; wandb and MLflow under
+        `project`, the run named after OUT (dist_signmaml/trackers.py). A resumed run purges the TensorBoard events a
+        stopped or killed session logged after its checkpoint (SummaryWriter's purge_step), so no step appears
+        twice. `hparams` go to wandb and MLflow as the run's parameters; TensorBoard gets them with the final metrics
+        at the end (tb/final), since storing them at start adds an empty timestamped run. Tracker calls run on the
+        main process only (Accelerate handles that)."""
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        settings = tracker_settings(self.trackers, self.out_dir, self.out_dir.resolve().name) if self.is_main else {}
+        for tracker in self.accelerator.log_with:
+            if isinstance(tracker, TensorBoardTracker) and first_step:
+                tracker.init_kwargs["purge_step"] = first_step + 1
+        self.accelerator.init_trackers(project, init_kwargs=settings)
+        for tracker in self.accelerator.trackers:
+            if tracker.name != "tensorboard":
+                tracker.store_init_configuration(flat)
 
     def log(self, values: dict, step: int):
         self.accelerator.log(values, step=step)
 
     def tensorboard_writer(self):
-        """The SummaryWriter behind the tracker (for text and images), or None off the main process."""
+        """The SummaryWriter behind the TensorBoard tracker (for text and images); None off the main process or
+        when the run does not log to TensorBoard."""
         if not self.is_main:
             return None
-        return self.accelerator.get_tracker("tensorboard", unwrap=True)
+        return next((t.tracker for t in self.accelerator.trackers if t.name == "tensorboard"), None)
+
+    @names_lost_peers("gathering objects")
+    def gather_objects(self, value) -> list:
+        """`value` of every rank, in rank order, on every rank (picklable objects, over the CPU control group)."""
+        if self._control is None:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value, group=self._control)
+        return gathered
 
     def end(self):
         self.accelerator.end_training()

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -22,9 +23,10 @@ from dist_signmaml.builders import build_learner, check_image_shape, episode_sha
 from dist_signmaml.config import ConfigError, TrainConfig
 from dist_signmaml.data.format import ShardFormatError
 from dist_signmaml.engine import Engine
-from dist_signmaml.metatest import EVALUATION_SEED, confidence_interval, meta_test
+from dist_signmaml.metatest import EVALUATION_SEED, confidence_interval, duration, meta_test
 
-__all__ = ["EVALUATION_SEED", "confidence_interval", "evaluate", "main", "meta_test", "weights_file"]
+__all__ = ["EVALUATION_SEED", "confidence_interval", "duration", "evaluate", "main", "meta_test", "weights_file"]
+
 
 
 class EvaluationError(ValueError):
@@ -76,7 +78,8 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
         raise EvaluationError(f"--ways={ways} does not fit {file}: its classifier head was trained for "
                               f"{trained['ways']} ways (omit --ways)")
     overrides = {"shots": shots or trained["shots"], "queries": queries or trained["queries"],
-                 "task_parallel": task_parallel}
+                 "task_parallel": task_parallel,
+                 "log_with": "", "profile_steps": ""}  # the training session's trackers and profile, not the model's
     if algo and algo != trained["algo"]:
         overrides |= {"algo": algo, "inner_lr": inner_lr}  # inner_lr 0 -> the new algo's default beta
     elif inner_lr:
@@ -87,10 +90,7 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
         raise EvaluationError(f"{file}: {error}") from None
     split_dir = split_directory(data or trained["data"], split)
     shape = episode_shape(config)
-    out_file = Path(out) if out else file.parent / (
-        f"eval_{Path(split).name}_{config.algo}_{config.ways}w{config.shots}s_{inner_steps}steps.json")
-
-    engine = Engine(out_file.parent, config.seed, log_with=None)
+    engine = Engine(Path(out).parent if out else file.parent, config.seed, log_with=None)
     image_shape = metadata.get("image_shape") or _image_shape(split_dir)
     try:
         learner = build_learner(config, check_image_shape(image_shape, f"{file} metadata"), engine.device)
@@ -108,10 +108,11 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
     learner.to(engine.device)
     check_split_fits(split_dir, shape, episodes)  # the expected input error; anything meta_test raises after it is a bug
     result = meta_test(learner, engine, split_dir, shape, episodes=episodes, inner_steps=inner_steps, seed=seed,
-                       tasks_per_batch=batch, desc=f"evaluate {Path(split).name}")
+                       tasks_per_batch=batch, desc=f"evaluate {Path(split).name}", announce_eta=True)
     result |= {"split": Path(split).name, "split_dir": str(split_dir), "weights": str(file), "algo": config.algo,
                "inner_lr": config.inner_lr, "ways": config.ways, "shots": config.shots, "queries": config.queries,
                "seed": seed, "world_size": engine.world_size, "trained_steps": metadata.get("step", trained["steps"])}
+    out_file = Path(out) if out else evaluation_file(file, result)
     if engine.is_main:
         out_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_file, json.dumps(result, indent=1, sort_keys=True) + "\n")
@@ -146,6 +147,26 @@ def check_split_fits(split_dir: Path, shape, episodes: int) -> None:
         raise EvaluationError(str(error)) from None
 
 
+def evaluation_file(weights: Path, result: dict) -> Path:
+    """Next to the weights: eval_<split>_<algo>_<W>w<S>s_<steps>steps_<best|final|file>_<episodes>ep.json. A file
+    of that name holding another result (other queries, beta, seed, data or weights) is kept: the new one gets
+    the next free _2, _3, ... suffix. Only a re-run with identical settings and numbers takes its place."""
+    label = {BEST_WEIGHTS: "best", FINAL_WEIGHTS: "final"}.get(weights.name, weights.stem)
+    stem = (f"eval_{result['split']}_{result['algo']}_{result['ways']}w{result['shots']}s_{result['inner_steps']}steps_"
+            f"{label}_{result['episodes']}ep")
+    comparable = lambda r: {k: v for k, v in r.items() if k != "world_size"}  # noqa: E731 - ranks change nothing
+    for n in itertools.count(1):
+        candidate = weights.parent / f"{stem}{'' if n == 1 else f'_{n}'}.json"
+        if not candidate.is_file():
+            return candidate
+        try:
+            if comparable(json.loads(candidate.read_text())) == comparable(result):
+                return candidate
+        except ValueError:  # not ours to overwrite either
+            continue
+    raise AssertionError("unreachable")
+
+
 def _image_shape(split_dir: Path) -> tuple[int, int, int]:
     """H, W, C of a split (class or episode directory), for weights exported without it in their metadata."""
     return tuple(json.loads((split_dir / "index.json").read_text())["image_shape"])
@@ -169,7 +190,8 @@ def main(path: str = "", **options) -> None:
       seed: seed of the fixed episodes (default 2021, shared by validation and test during training)
       batch: episodes per forward pass on each rank (default 4; does not change the numbers)
       task_parallel: auto | loop | vmap (default auto)
-      out: JSON file to write (default: next to the weights, eval_<split>_<algo>_<W>w<S>s_<steps>steps.json)
+      out: JSON file to write (default: next to the weights,
+        eval_<split>_<algo>_<W>w<S>s_<steps>steps_<best|final>_<N>ep.json; never replacing another result)
     """
     if not path:
         print("error: give a run directory or a .safetensors file: python -m dist_signmaml.evaluate RUN_DIR", file=sys.stderr)

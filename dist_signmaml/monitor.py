@@ -1,10 +1,12 @@
 """What a training run shows while it runs and leaves behind: phase timers, the metric logger, the validator (each
 deciding its own cadence, so the training loop holds no interval arithmetic), TensorBoard extras and the run summary.
 
-TensorBoard tags written here (all through Accelerate's tracker, on the main process only):
+Tags written here (all scalars through Accelerate's tracker API, so every --log_with tracker gets the same ones,
+on the main process only):
 
     train/loss, train/accuracy_after   window means over ranks and steps
-    train/accuracy_before             on logging steps (an extra query pass), mean over ranks
+    train/accuracy_before             on logging steps (an extra query pass), mean over ranks; stays at chance,
+                                      1/ways, by design (see TAG_DESCRIPTIONS, shown on the scalar's card)
     train/step_seconds, train/tasks_per_second                 wall time of one meta-iteration, meta-batch / that
     time/data_wait, time/inner_loop, time/outer_backward, time/optimizer_step   seconds per phase (see PhaseTimer)
     memory/peak_mib                                            peak memory, max over ranks (see peak_memory_mib)
@@ -13,7 +15,8 @@ TensorBoard tags written here (all through Accelerate's tracker, on the main pro
     data/bad_samples_skipped                                   with --on_bad_sample skip: skipped samples, all ranks
     train/nonfinite_steps_skipped                              with --on_nonfinite skip_step: updates not applied
     val/accuracy, val/ci95, test/accuracy, test/ci95           fixed-episode meta-test, mean and 95% half-width
-    text: config; images: episode/support, episode/query; hparams (run "final") with the final metrics
+    final/best_val_accuracy, final/test_accuracy, final/test_ci95, final/seconds_per_meta_iteration   at the last step
+    TensorBoard only: text config; images episode/support, episode/query; hparams (run "final") with the final metrics
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ from dist_signmaml.artifacts import (BEST_WEIGHTS, FINAL_WEIGHTS, RESULTS_JSON, 
 from dist_signmaml.metatest import EVALUATION_SEED, meta_test
 
 PHASES = ("data_wait", "inner_loop", "outer_backward", "optimizer_step")
+# Shown by TensorBoard with the scalar (the card's description) for tags whose values look wrong but are not.
+TAG_DESCRIPTIONS = {
+    "train/accuracy_before": (
+        "Query accuracy at the meta-initialisation, before any inner step. Labels are re-drawn for every episode, "
+        "so before adapting the model cannot know which output stands for which class: this stays at chance, "
+        "1/ways (exactly 1/ways when the initialisation gives every query the same class). Above chance would "
+        "mean labels leak across episodes. Learning shows in train/accuracy_after."),
+}
 
 
 class PhaseTimer:
@@ -166,6 +177,7 @@ class TrainMonitor:
             means["train/accuracy_before"] = float(output.accuracy_before)
         means |= step_size_scalars(output.step_sizes or {})
         means = self.engine.mean_over_ranks(means)
+        log_described(self.engine, {tag: means.pop(tag) for tag in TAG_DESCRIPTIONS if tag in means}, step)
         peak = self.engine.gather(torch.tensor([peak_memory_mib(self.engine.device)], device=self.engine.device))
         self.engine.log(means | {"train/tasks_per_second": self.meta_batch / max(means["train/step_seconds"], 1e-12),
                                  "memory/peak_mib": float(peak.max()),
@@ -176,6 +188,20 @@ class TrainMonitor:
 
     def close(self):
         self.progress.close()
+
+
+def log_described(engine, values: dict[str, float], step: int) -> None:
+    """Scalars with their TAG_DESCRIPTIONS text in the summary metadata (TensorBoard shows it on the card); the
+    values read back like any other scalar. Main process only, as the tracker."""
+    writer = engine.tensorboard_writer()
+    if writer is None or not values:
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+
+    summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value),
+                                           metadata=SummaryMetadata(summary_description=TAG_DESCRIPTIONS[tag]))
+                             for tag, value in values.items()])
+    writer.file_writer.add_summary(summary, step)
 
 
 def show_episode(engine, episodes, step: int) -> None:
@@ -194,8 +220,11 @@ def show_episode(engine, episodes, step: int) -> None:
 
 def log_config_text(engine, config_json: str, step: int = 0) -> None:
     """The resolved configuration on TensorBoard's text tab (indented: a code block in TensorBoard's Markdown), at
-    the step a session starts from (a resume purges later steps, so each session's copy appears once)."""
-    engine.log({"config": "\n".join("    " + line for line in config_json.splitlines())}, step=step)
+    the step a session starts from (a resume purges later steps, so each session's copy appears once).
+    Written to TensorBoard only: the other trackers keep the configuration as the run's parameters."""
+    writer = engine.tensorboard_writer()
+    if writer is not None:
+        writer.add_text("config", "\n".join("    " + line for line in config_json.splitlines()), step)
 
 
 class Validator:
@@ -287,8 +316,12 @@ def summarize_run(out_dir, config: dict, results: dict, monitor: TrainMonitor, w
 def results_markdown(summary: dict) -> str:
     config = summary["config"]
     lines = [f"# {config['algo']} · {config['ways']}-way {config['shots']}-shot · {config['backbone']} · "
-             f"{summary['steps']} meta-steps · {summary['world_size']} process(es)", "",
-             "| split | weights | episodes | inner steps | accuracy ± 95% CI |", "| --- | --- | --- | --- | --- |"]
+             f"{summary['steps']} meta-steps · {summary['world_size']} process(es)", ""]
+    if summary.get("best_val") or summary.get("test"):
+        lines += ["| split | weights | episodes | inner steps | accuracy ± 95% CI |", "| --- | --- | --- | --- | --- |"]
+    else:
+        lines.append("Not validated or tested (--eval_episodes 0, --test_episodes 0): score the weights with "
+                     "`python -m dist_signmaml.evaluate RUN_DIR`.")
     if summary.get("best_val"):
         best = summary["best_val"]
         lines.append(f"| val (best) | step {best['step']} | {best['episodes']} | {best['inner_steps']} | {percent(best)} |")
@@ -307,10 +340,8 @@ def results_markdown(summary: dict) -> str:
 
 
 def log_final_hparams(engine, hparams: dict, summary: dict) -> None:
-    """The run's hyperparameters with its final metrics on TensorBoard's HPARAMS tab (sub-run 'final')."""
-    writer = engine.tensorboard_writer()
-    if writer is None:
-        return
+    """The run's final metrics, logged to every tracker at the last step, and with the hyperparameters on
+    TensorBoard's HPARAMS tab (sub-run 'final')."""
     flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
     metrics = {"final/seconds_per_meta_iteration": summary["seconds_per_meta_iteration"]["mean"]}
     for split, key in (("best_val", "final/best_val_accuracy"), ("test", "final/test_accuracy")):
@@ -318,5 +349,9 @@ def log_final_hparams(engine, hparams: dict, summary: dict) -> None:
             metrics[key] = summary[split]["accuracy"]
     if summary.get("test"):
         metrics["final/test_ci95"] = summary["test"]["ci95"]
+    engine.log(metrics, step=summary["steps"])
+    writer = engine.tensorboard_writer()
+    if writer is None:
+        return
     writer.add_hparams(flat, metrics, run_name="final")
     writer.flush()

@@ -17,15 +17,21 @@ import sys
 from pathlib import Path
 
 import fire
-import matplotlib
 
-matplotlib.use("Agg")  # files only: works on clusters without a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+try:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works on clusters without a display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+except ModuleNotFoundError:  # an optional extra: plot() says how to install it
+    matplotlib = plt = MaxNLocator = None
 
 from dist_signmaml.artifacts import RESULTS_JSON  # noqa: E402
 
 SWEEP_JSON = "sweep.json"
+NO_MATPLOTLIB = ("plotting needs matplotlib, which is not installed: the [plot] extra, pip install -e '.[plot]' in "
+                 "the dist_signmaml checkout (or pip install matplotlib)")
 
 
 class PlotError(ValueError):
@@ -135,6 +141,8 @@ def save(figure, path: Path) -> Path:
 
 def plot(*paths: str, out: str = "plots") -> list[Path]:
     """Write the figures that the given runs and sweeps support; returns their paths."""
+    if plt is None:
+        raise PlotError(NO_MATPLOTLIB)
     if not paths:
         raise PlotError("give at least one run or sweep directory: python -m dist_signmaml.plot RUN_DIR...")
     runs, sweeps = load_inputs(paths)

@@ -29,6 +29,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fire
@@ -119,17 +120,28 @@ def train_command(launcher: str, train_options: dict, algo: str) -> list[str]:
     return shlex.split(launcher) + ["-m", "dist_signmaml.train", *flags, f"--algo={algo}"]
 
 
-def run_sequentially(betas: list[float], algo: str, algo_dir: Path, launcher: str, train_options: dict) -> None:
-    for beta in tqdm(betas, desc=f"sweep {algo}", unit="run", dynamic_ncols=True):
+def run_sequentially(betas: list[float], algo: str, algo_dir: Path, launcher: str, train_options: dict,
+                     finished_before: int = 0, planned: int = 0) -> None:
+    """Train `betas` one after another; each run's output goes to OUT/ALGO/beta_<value>/train.log, and a line per
+    run says where, and how far the whole sweep is (`finished_before` of `planned` runs known so far)."""
+    planned = max(planned, finished_before + len(betas))
+    for position, beta in enumerate(tqdm(betas, desc=f"sweep {algo}", unit="run", dynamic_ncols=True)):
         run_dir = algo_dir / run_name(beta)
         run_dir.mkdir(parents=True, exist_ok=True)
+        log_file = run_dir / TRAIN_LOG
+        tqdm.write(f"sweep run {finished_before + position + 1} of {planned} planned so far: {algo} beta={beta:g}, "
+                   f"log {log_file} (tail -f to follow)")
         # --resume: a run killed in an earlier sweep continues from its checkpoint (a fresh one starts at step 0)
         command = train_command(launcher, train_options, algo) + [f"--inner_lr={beta:g}", f"--out={run_dir}",
                                                                   "--resume"]
-        with open(run_dir / TRAIN_LOG, "a") as log:
+        started = time.monotonic()
+        with open(log_file, "a") as log:
             finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
         if finished.returncode != 0 or not (run_dir / RESULTS_JSON).is_file():
-            raise SweepError(f"run {run_dir} failed (exit {finished.returncode}); see {run_dir / TRAIN_LOG}")
+            raise SweepError(f"run {run_dir} failed (exit {finished.returncode}); see {log_file}")
+        best = json.loads((run_dir / RESULTS_JSON).read_text()).get("best_val") or {}
+        tqdm.write(f"  {algo} beta={beta:g}: best val {100 * best.get('accuracy', float('nan')):.2f} ± "
+                   f"{100 * best.get('ci95', float('nan')):.2f}% in {time.monotonic() - started:.0f} s")
 
 
 def write_array_job(betas: list[float], algo: str, algo_dir: Path, launcher: str, train_options: dict,
@@ -219,7 +231,7 @@ def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "",
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    searches, accuracies = {}, {}
+    searches, accuracies, latest = {}, {}, {}  # latest: each method's search so far (for the progress lines)
     for algo in methods:
         algo_dir = out_dir / algo
         for _ in range(max_extensions + 2):  # the first round, the extensions, and a last look
@@ -228,7 +240,10 @@ def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "",
             if not search["pending"]:
                 break
             if not slurm:
-                run_sequentially(search["pending"], algo, algo_dir, launcher, train_options)
+                latest[algo] = search
+                finished = sum(len(found) for found in accuracies.values())
+                planned = sum(len(latest[a]["tried"]) if a in latest else len(grids[a]) for a in methods)
+                run_sequentially(search["pending"], algo, algo_dir, launcher, train_options, finished, planned)
                 continue
             script = write_array_job(search["pending"], algo, algo_dir, launcher, train_options, sbatch)
             if not submit:

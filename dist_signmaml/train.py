@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -22,13 +23,16 @@ from dist_signmaml.builders import (build_bundled_data, build_learner, build_opt
                                     train_stream)
 from dist_signmaml.checkpointer import Checkpointer
 from dist_signmaml.config import ConfigError, TrainConfig
+from dist_signmaml.config_files import CONFIG_FLAG, CONFIG_YAML, write_config_yaml
 from dist_signmaml.data import train_loader
 from dist_signmaml.data.format import ShardFormatError
 from dist_signmaml.engine import DistributedSetupError, Engine, NonFiniteError
 from dist_signmaml.optim import OuterLRSchedule
 from dist_signmaml.monitor import (TrainMonitor, Validator, final_test, log_config_text, log_final_hparams,
                                    summarize_run)
+from dist_signmaml.manifest import RunManifest
 from dist_signmaml.preemption import stop_when_launcher_dies
+from dist_signmaml.profiling import StepProfiler
 
 __all__ = ["build_learner", "main", "train"]  # build_learner: kept importable from here for older callers
 
@@ -36,7 +40,8 @@ __all__ = ["build_learner", "main", "train"]  # build_learner: kept importable f
 def train(config: TrainConfig) -> dict:
     threads = set_torch_threads()
     stop_when_launcher_dies()
-    engine = Engine(config.out, config.seed, zero_stage=config.zero_stage, timeout_s=config.dist_timeout)
+    engine = Engine(config.out, config.seed, log_with=config.log_with, zero_stage=config.zero_stage,
+                    timeout_s=config.dist_timeout)
     config = resolve_for_launch(config, engine)
     with Checkpointer(engine, config) as checkpointer:
         start = checkpointer.claim()  # --out checked and locked, fresh start or verified resume point chosen
@@ -54,33 +59,42 @@ def train(config: TrainConfig) -> dict:
         outer_lr = OuterLRSchedule(optimizer, config.outer_lr_schedule, config.steps)  # a function of the step
         learner, optimizer = engine.prepare(learner, optimizer, engine.tasks_per_rank(config.meta_batch))
         checkpointer.restore()
-        record_config(engine, config, resolved, start)
+        manifest = record_config(engine, config, resolved, start)
         monitor = TrainMonitor(engine, log_every=config.log_every, last_step=config.steps, first_step=start,
                                meta_batch=config.meta_batch, inner_lr=config.inner_lr, optimizer=optimizer,
                                stream=stream)
-        export_metadata = {"config": asdict(config), "image_shape": list(stream.index.image_shape)}
+        export_metadata = {"config": asdict(config), "image_shape": list(stream.index.image_shape),
+                           "normalization": {"mean": list(stream.index.mean), "std": list(stream.index.std)}}
         validator = Validator(engine, data_root / "val", episode_shape(config), episodes=config.eval_episodes,
                               every=config.eval_every, last_step=config.steps, inner_steps=config.test_inner_steps,
                               tasks_per_batch=engine.tasks_per_rank(config.meta_batch), out_dir=config.out,
                               export_metadata=export_metadata)
         checkpointer.register(validator=validator, episode_stream=stream)
+        profiler = StepProfiler(config.profile_steps, config.out, engine.rank, engine.device, config.steps)
+        phase = profiler.phases(monitor.phase)  # the monitor's phase timers, labelled in the profile (--profile_steps)
+        checkpointer.on_stop(profiler.close, functools.partial(manifest.finish, "stopped"))
 
         # Components decide their own cadence: the monitor logs, the validator validates and keeps the best weights,
         # the checkpointer saves (and stops for a requeue on a signal), so the loop holds no interval arithmetic.
         batches = iter(train_loader(stream, config.workers))
         for step in range(start + 1, config.steps + 1):
-            with monitor.phase("data_wait"):
+            profiler.begin(step)
+            with phase("data_wait"):
                 episodes = next(batches)
             outer_lr.apply(step)
-            output = engine.meta_step(learner, optimizer, episodes, phase=monitor.phase, step=step,
+            output = engine.meta_step(learner, optimizer, episodes, phase=phase, step=step,
                                       on_nonfinite=config.on_nonfinite, diagnostics=monitor.should_log(step),
                                       progress=step / config.steps)
+            profiler.end(step)
             monitor.record(step, episodes, output)
             if validator.should_validate(step):
                 validator.validate(learner, step)
             checkpointer.after_step(step)
         monitor.close()
-        return finish(config, engine, learner, validator, monitor, data_root, export_metadata)
+        profiler.close()
+        summary = finish(config, engine, learner, validator, monitor, data_root, export_metadata)
+        manifest.finish("completed")
+        return summary
 
 
 def resolve_for_launch(config: TrainConfig, engine) -> TrainConfig:
@@ -95,18 +109,22 @@ def resolve_for_launch(config: TrainConfig, engine) -> TrainConfig:
     return config
 
 
-def record_config(engine, config: TrainConfig, resolved: dict, start: int) -> None:
-    """config.json (the config that runs, the options as given, values resolved at run time), the TensorBoard run
-    (continued from `start` on a resume) and one line saying what runs where."""
-    engine.start_tracking(first_step=start)
+def record_config(engine, config: TrainConfig, resolved: dict, start: int) -> RunManifest:
+    """config.json (the config that runs, the options as given, values resolved at run time) and config.yaml, the
+    trackers (TensorBoard continued from `start` on a resume), the manifest of this session (returned; a
+    collective) and one line saying what runs where."""
+    engine.start_tracking(asdict(config) | resolved, config.project, first_step=start)
     document = asdict(config) | {"given": getattr(config, "given_options", None), "resolved": resolved}
     text = json.dumps(document, indent=1, sort_keys=True, default=str)
     if engine.is_main:
         atomic_write_text(Path(config.out) / CONFIG_JSON, text)
+        write_config_yaml(asdict(config), Path(config.out) / CONFIG_YAML)  # `--config RUN/config.yaml` reruns it
+    manifest = RunManifest.start(config.out, engine)  # hosts, versions, command line, start time (all ranks)
     log_config_text(engine, text, step=start)
     engine.print0(f"{resolved['rule']}; {engine.world_size} process(es) on {engine.device}, "
                   f"tasks run with '{resolved['task_parallel']}', {resolved['torch_threads']} torch thread(s) per "
                   f"process ({resolved['torch_threads_from']})")
+    return manifest
 
 
 def finish(config: TrainConfig, engine, learner, validator, monitor, data_root: Path, export_metadata: dict) -> dict:
@@ -135,7 +153,9 @@ def main(**options) -> None:
     if options.pop("help", False) or options.pop("h", False):
         # fire hands `--help` to the **options catch-all below, so the help is printed here, from TrainConfig
         print("usage: [accelerate launch [LAUNCH OPTIONS]] -m dist_signmaml.train [--OPTION VALUE ...]\n\n"
-              "Meta-train a few-shot learner with Sign-MAML and its baselines.\n\noptions:\n" + TrainConfig.help_lines())
+              "Meta-train a few-shot learner with Sign-MAML and its baselines.\n\noptions:\n"
+              f"  --{CONFIG_FLAG}  a YAML or TOML file setting any option below; flags override it (docs/cluster.md)\n"
+              + TrainConfig.help_lines())
         return
     try:
         train(TrainConfig.from_options(**options))
@@ -150,6 +170,7 @@ def main(**options) -> None:
 # fire would run the whole training and complain about the flag afterwards).
 main.__signature__ = inspect.Signature([
     inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type) for f in fields(TrainConfig)]
+    + [inspect.Parameter(CONFIG_FLAG, inspect.Parameter.KEYWORD_ONLY, default="", annotation=str)]
     + [inspect.Parameter("unknown_options", inspect.Parameter.VAR_KEYWORD)])
 main.__doc__ = "Meta-train a few-shot learner with Sign-MAML and its baselines.\n\nArgs:\n" + "\n".join(
     f"  {f.name}: {f.metadata['help']}" for f in fields(TrainConfig))

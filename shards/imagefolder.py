@@ -123,16 +123,22 @@ def split_jobs(source: Path, definition, image_size: int, crop: str, mode: str) 
 
 
 def prepare_image(path: str, image_size: int, crop: str, mode: str) -> np.ndarray:
-    """Decode one image file to uint8 [H, W, C]: converted to RGB or grey, then centre-cropped to a square and
-    resized (`crop=center`) or resized without keeping the aspect ratio (`crop=stretch`); size 0 keeps the size."""
+    """Decode one image file to uint8 [H, W, C] with `fit_image`."""
     with Image.open(path) as image:
-        image = image.convert(mode)
-        if image_size:
-            if crop == "center":
-                image = ImageOps.fit(image, (image_size, image_size), method=Image.Resampling.LANCZOS)
-            elif image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
-        array = np.asarray(image, dtype=np.uint8)
+        return fit_image(image, image_size, crop, mode)
+
+
+def fit_image(image: Image.Image, image_size: int, crop: str, mode: str) -> np.ndarray:
+    """A PIL image -> uint8 [H, W, C]: converted to RGB or grey, then centre-cropped to a square and resized
+    (`crop=center`) or resized without keeping the aspect ratio (`crop=stretch`); size 0 keeps the size.
+    `dist_signmaml.predict` prepares new images with this too, so they match the shards a model was trained on."""
+    image = image.convert(mode)
+    if image_size:
+        if crop == "center":
+            image = ImageOps.fit(image, (image_size, image_size), method=Image.Resampling.LANCZOS)
+        elif image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
 
 

@@ -67,7 +67,9 @@ MODULE_TIERS = {
     "test_data_training": "integration", "test_distributed": "integration", "test_evaluate": "integration",
     "test_faults": "integration", "test_plot": "integration", "test_sweep": "integration",
     "test_tensorboard": "integration", "test_train": "integration", "test_episodes_stream": "integration",
-    "test_shards_build": "integration", "test_reproduce": "integration",
+    "test_shards_build": "integration", "test_reproduce": "integration", "test_config_files": "integration",
+    "test_predict": "integration", "test_profiling": "integration", "test_rough_edges": "integration",
+    "test_trackers": "integration",
     "test_deepspeed": "system", "test_multinode": "system", "test_slurm": "system",
 }
 

@@ -50,6 +50,7 @@ def test_stop_signal_then_kill_9_then_resume_reproduce_the_uninterrupted_run(tmp
     saved = {p.name for p in (interrupted / "checkpoints" / f"step_{stopped_at:08d}").iterdir()}
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= saved, saved  # both ranks saved this same step
     assert log.count("stopping at step") == 2 and f"stopping at step {stopped_at} on" in log, log[-3000:]
+    assert json.loads((interrupted / "manifest.json").read_text())["status"] == "stopped"
 
     # 2. resume, then SIGKILL everything once a newer checkpoint exists
     second = start(training(interrupted, *data, "--resume"), env, tmp_path / "second.log")
@@ -61,11 +62,14 @@ def test_stop_signal_then_kill_9_then_resume_reproduce_the_uninterrupted_run(tmp
     assert not (interrupted / "model.safetensors").exists(), "the run finished before it could be killed"
     last_checkpoint = checkpoint_steps(interrupted)[-1]
     assert killed_after <= last_checkpoint < STEPS
+    assert json.loads((interrupted / "manifest.json").read_text())["status"] == "running", "a killed run says so"
 
     # 3. resume to the end
     third = run(training(interrupted, *data, "--resume"), env, timeout=240)
     assert third.returncode == 0, third.stdout[-4000:]
     assert f"resumed from step {last_checkpoint}" in third.stdout
+    manifest = json.loads((interrupted / "manifest.json").read_text())
+    assert [m["status"] for m in manifest["previous_sessions"] + [manifest]] == ["stopped", "running", "completed"]
 
     assert straight.wait(timeout=240) == 0, (tmp_path / "straight.log").read_text()[-4000:]
     expected, got = logged_losses(tmp_path / "straight"), logged_losses(interrupted)

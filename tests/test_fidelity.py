@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -68,21 +66,3 @@ def test_seeds_are_averaged_with_their_spread_and_the_table_shows_the_learned_si
     table = markdown(rows)
     assert "**79.00%**; ±1.00; ±0.60/0.60" in table and "| 70.00% / 72.00%" not in table and "71.00%" in table
     assert "| head.weight | 0.01 | 2.00 |" in table
-
-
-@pytest.mark.integration
-def test_a_tiny_plan_trains_scores_and_records_a_run_and_skips_it_when_rerun(tmp_path, omniglot_root, capsys):
-    from bench.fidelity import run_plan
-
-    options = dict(plan="5w1s:m2:sign-lsl:s0", work=str(tmp_path / "work"), steps=2, record=str(tmp_path / "rec"),
-                   val_episodes=4, test_episodes=4, eval_episodes=4)
-    run_plan(**options)
-    directory = tmp_path / "rec" / "5w1s_m2_sign-lsl_s0"
-    protocol = json.loads((directory / "protocol.json").read_text())
-    results = json.loads((directory / "results.json").read_text())
-    assert results["config"]["learn_inner_lr"] == "layer_step" and results["config"]["inner_steps"] == 2
-    assert protocol["test_episodes"] == 4 and len(protocol["val_grid"]) == 18
-    assert protocol["test_chosen"] == cell(protocol["test_grid"], protocol["chosen"]["inner_steps"],
-                                           protocol["chosen"]["lr_scale"])
-    run_plan(**options)
-    assert "5w1s_m2_sign-lsl_s0: done" in capsys.readouterr().out

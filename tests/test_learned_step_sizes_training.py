@@ -54,3 +54,21 @@ def test_learned_step_sizes_are_trained_logged_exported_and_survive_a_resume(tmp
     assert json.loads((resumed / "results.json").read_text())["inner_lr_learned"] == learned
     again = load_file(str(resumed / "model.safetensors"))
     assert all((again[k] == exported[k]).all() for k in exported)
+
+
+def test_a_tiny_plan_trains_scores_and_records_a_run_and_skips_it_when_rerun(tmp_path, omniglot_root, capsys):
+    from bench.fidelity import run_plan
+    from bench.protocol import cell
+
+    options = dict(plan="5w1s:m2:sign-lsl:s0", work=str(tmp_path / "work"), steps=2, record=str(tmp_path / "rec"),
+                   val_episodes=4, test_episodes=4, eval_episodes=4)
+    run_plan(**options)
+    directory = tmp_path / "rec" / "5w1s_m2_sign-lsl_s0"
+    protocol = json.loads((directory / "protocol.json").read_text())
+    results = json.loads((directory / "results.json").read_text())
+    assert results["config"]["learn_inner_lr"] == "layer_step" and results["config"]["inner_steps"] == 2
+    assert protocol["test_episodes"] == 4 and len(protocol["val_grid"]) == 18
+    assert protocol["test_chosen"] == cell(protocol["test_grid"], protocol["chosen"]["inner_steps"],
+                                           protocol["chosen"]["lr_scale"])
+    run_plan(**options)
+    assert "5w1s_m2_sign-lsl_s0: done" in capsys.readouterr().out
