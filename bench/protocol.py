@@ -3,7 +3,8 @@
 For a trained run, every fixed episode of a split is adapted once per test-time beta scale for the largest step
 count, recording the query accuracy after each inner step (`MetaLearner.accuracy_curves`), so every (steps, scale)
 cell of the grid comes from the same pass. The cell with the best mean validation accuracy is then scored on test,
-next to the paper's protocol (10 steps at the training beta). Single process: the scores are per episode, so
+next to the paper's protocol (10 steps at the training beta); test is adapted only for the scales and step
+counts those two cells need. Single process: the scores are per episode, so
 splitting them over ranks would not change a number.
 
     python -m bench.protocol RUN_DIR            # writes RUN_DIR/protocol.json
@@ -83,8 +84,11 @@ def score_run(run_dir: str | Path, *, val_episodes: int = 300, test_episodes: in
     data = Path(config.data)
     val = grid_scores(split_curves(learner, data / "val", shape, val_episodes))
     chosen = choose_cell(val)
-    test_curves = split_curves(learner, data / "test", shape, test_episodes)
-    test = grid_scores(test_curves)
+    # test is scored once, only where it is read: the chosen cell and the paper's (one pass per scale they need)
+    scales = sorted({chosen["lr_scale"], PAPER_CELL[1]})
+    test_curves = split_curves(learner, data / "test", shape, test_episodes, scales=scales,
+                               max_steps=max(chosen["inner_steps"], PAPER_CELL[0]))
+    test = grid_scores(test_curves, steps=[s for s in TEST_STEPS if s <= max(chosen["inner_steps"], PAPER_CELL[0])])
     result = {"run": str(run_dir), "weights": weights, "weights_step": metadata.get("step"),
               "val_episodes": val_episodes, "test_episodes": test_episodes, "queries": shape.queries,
               "val_grid": val, "chosen": {"inner_steps": chosen["inner_steps"], "lr_scale": chosen["lr_scale"]},
