@@ -8,7 +8,10 @@ activation checkpointing side by side in the same run.
 Setting (issue 6): 5-way 1-shot, 84x84 RGB, meta-batch 2, each cell a real meta-step — inner loop, query loss,
 outer backward, Adam step — on one fixed synthetic episode batch (class patterns plus noise; the content does not
 change the cost, and data loading is not timed). Tasks run the way training runs them on the device (`auto`: the
-task loop on CPU, vmap on CUDA), except the activation-checkpointing cell, which needs the loop.
+task loop on CPU, vmap on CUDA), except the activation-checkpointing cell, which needs the loop. Every cell is the
+trainer's own learner (build_learner, the config's default inner learning rate per algorithm) stepped by the one
+bench meta-step (bench.common.meta_step); the fp32 cell is NCHW eager, and each extra changes one option from it
+(VARIANT_OPTIONS): `channels_last` is --channels_last true, what `auto` picks on CPU.
 
 Each backbone runs in its own subprocess (a crash or timeout costs only that backbone, and every backbone starts
 from the same clean process). Within it, all cells are warmed up once (the first call, reported as
@@ -40,11 +43,11 @@ import time
 import fire
 import torch
 
-from bench.common import interleaved_medians, machine, peak_memory_bytes, write_json
+from bench.common import bench_learner, interleaved_medians, machine, machine_load, meta_step, peak_memory_bytes, write_json
+from dist_signmaml.algorithms.rules import ALGORITHMS
 
 BACKBONES = ("conv4", "resnet12", "resnet18", "resnet34")
 EXTRAS = ("bf16", "compile", "channels_last", "head", "checkpointing")
-INNER_LR = {"sign": 0.005, "fo": 0.05, "maml": 0.05}  # small steps keep the synthetic losses finite; cost is unaffected
 # The --quick grid: every backbone x algo x inner steps at 1 query per class and ResNet-12 at base width 16, with the
 # extras where they fit a CPU: bf16 is emulated (slow) on CPUs without bf16 units, inductor needs ~1-3 min per graph.
 QUICK_EXTRAS = "conv4:bf16+compile+channels_last+head+checkpointing,resnet12:bf16+channels_last+head+checkpointing," \
@@ -99,35 +102,22 @@ def cells(backbone: str, algos: list[str], inner_steps: list[int], extras: list[
     return [dict(cell, backbone=backbone) for cell in grid]
 
 
+# variant -> the trainer options it changes from the fp32 cell (NCHW eager, every parameter adapted)
+VARIANT_OPTIONS = {"fp32": {}, "bf16": {"precision": "bf16"}, "compile": {"compile": True},
+                   "channels_last": {"channels_last": True}, "head": {"adapt": "head"},
+                   "checkpointing": {"activation_checkpointing": True}}
+
+
 def build_cell(cell: dict, spec: dict, device, batch):
-    """A closure running one full meta-step of `cell`, and the task-parallel mode it uses."""
-    from dist_signmaml.algorithms import MetaLearner, make_rule
-    from dist_signmaml.algorithms.learner import resolve_task_parallel
-    from dist_signmaml.models import adapted_parameter_names, build_backbone
-
-    variant = cell["variant"]
+    """A closure running one full meta-step of `cell` (the trainer's build_learner and the one bench meta_step),
+    and the task-parallel mode it uses. The inner learning rate is the trainer's default for the algorithm."""
     torch.manual_seed(0)
-    model = build_backbone(cell["backbone"], in_channels=3, ways=spec["ways"], image_size=spec["size"],
-                           hidden=spec["resnet12_width"] if cell["backbone"] == "resnet12" else 0,
-                           precision="bf16" if variant == "bf16" else "fp32",
-                           channels_last=variant == "channels_last",
-                           activation_checkpointing=variant == "checkpointing").to(device)
-    task_parallel = "loop" if variant == "checkpointing" else resolve_task_parallel("auto", device)
-    learner = MetaLearner(model, make_rule(cell["algo"]), INNER_LR[cell["algo"]], cell["inner_steps"], task_parallel,
-                          adapted_names=adapted_parameter_names(model, "head" if variant == "head" else "all"))
-    if variant == "compile":
-        learner.compile_tasks("inductor")
-    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
-
-    def step():
-        output = learner(*batch)
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # gradients are part of the step, not of the baseline
-
-    parameters = sum(p.numel() for p in model.parameters())
-    return step, task_parallel, parameters
+    options = dict(backbone=cell["backbone"], algo=cell["algo"], inner_steps=cell["inner_steps"], ways=spec["ways"],
+                   hidden=spec["resnet12_width"] if cell["backbone"] == "resnet12" else 0, channels_last=False)
+    options |= VARIANT_OPTIONS[cell["variant"]]
+    learner, optimizer = bench_learner((spec["size"], spec["size"], 3), device, **options)
+    parameters = sum(p.numel() for p in learner.model.parameters())
+    return (lambda: meta_step(learner, optimizer, batch)), learner.task_parallel, parameters
 
 
 def run_worker(spec: dict) -> list[dict]:
@@ -210,15 +200,16 @@ def main(quick: bool = False, backbones: str = ",".join(BACKBONES), algos: str =
         return
     backbone_list, algo_list = as_list(backbones), as_list(algos)
     steps_list = as_list(inner_steps, int)
-    unknown = [b for b in backbone_list if b not in BACKBONES] + [a for a in algo_list if a not in INNER_LR]
+    unknown = [b for b in backbone_list if b not in BACKBONES] + [a for a in algo_list if a not in ALGORITHMS]
     if unknown:
-        raise SystemExit(f"unknown backbone/algo {unknown}; expected backbones {BACKBONES}, algos {tuple(INNER_LR)}")
+        raise SystemExit(f"unknown backbone/algo {unknown}; expected backbones {BACKBONES}, algos {ALGORITHMS}")
     resolved_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     spec = dict(ways=ways, shots=shots, queries=queries or (1 if quick else 15), size=size, meta_batch=meta_batch,
                 resnet12_width=resnet12_width or (16 if quick else 64), repeats=repeats or (2 if quick else 5),
                 device=resolved_device, threads=threads)
     chosen_extras = parse_extras(extras or (QUICK_EXTRAS if quick else "all"), backbone_list)
     rows, failures = [], {}
+    load_before = machine_load()
     started = time.perf_counter()
     for backbone in backbone_list:
         worker_spec = dict(spec, cells=cells(backbone, algo_list, steps_list, chosen_extras[backbone]))
@@ -238,6 +229,7 @@ def main(quick: bool = False, backbones: str = ",".join(BACKBONES), algos: str =
     result = {"setting": {k: v for k, v in spec.items() if k != "device"} | {"quick": quick, "algos": algo_list,
                                                                          "inner_steps": steps_list},
               "machine": machine() | {"device_used": spec["device"]},
+              "load_before": load_before, "load_after": machine_load(),
               "memory_method": "cuda max_memory_allocated" if spec["device"] == "cuda"
                                else "torch profiler allocation events (live tensor bytes), see bench/backbones.py",
               "summary": summarize(rows, steps_list), "rows": rows, "failures": failures,

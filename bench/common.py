@@ -17,6 +17,28 @@ def machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
+def machine_load() -> dict:
+    """How busy the machine was, for a table's header: `uptime`'s load averages, the cores, and the processes
+    other than this one using a CPU right now (from /proc: more than 10% of a core since they started, which is
+    what a long run or test suite shows). The benchmark pins itself to the cores it was given (taskset)."""
+    import os
+    import subprocess
+
+    busy = []
+    try:
+        listing = subprocess.run(["ps", "-eo", "pid,psr,pcpu,comm", "--no-headers"], capture_output=True, text=True,
+                                 timeout=10).stdout.splitlines()
+        for line in listing:
+            pid, core, cpu, command = line.split(None, 3)
+            if int(pid) != os.getpid() and float(cpu) > 10:
+                busy.append(f"{command.strip()} (core {core}, {cpu}%)")
+    except (OSError, ValueError, subprocess.SubprocessError):
+        busy = ["unknown (ps failed)"]
+    return {"load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()], "cpu_cores": os.cpu_count(),
+            "pinned_to_cores": sorted(os.sched_getaffinity(0)), "busy_processes": busy,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
 def synchronize():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -77,3 +99,30 @@ def write_json(result: dict, path: str | None):
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text + "\n")
+
+
+# ---- the one meta-step every benchmark times ---------------------------------------------------------------------
+
+def bench_learner(image_shape, device, **options):
+    """The trainer's own MetaLearner (build_learner) for `options` (TrainConfig fields, e.g. algo, backbone,
+    channels_last, compile), with the trainer's optimizer (optim.build_optimizer). Per-algorithm constants
+    (the inner learning rate) come from the config's defaults, as in training."""
+    try:
+        from dist_signmaml.builders import build_learner
+    except ImportError:  # before the builders module exists
+        from dist_signmaml.train import build_learner
+    from dist_signmaml.config import TrainConfig
+    from dist_signmaml.optim import build_optimizer
+
+    config = TrainConfig.from_options(**options)
+    learner = build_learner(config, image_shape, device).to(device)
+    return learner, build_optimizer(learner, config.outer_lr, config.inner_lr_lr)
+
+
+def meta_step(learner, optimizer, batch) -> None:
+    """One single-device meta-step in the engine's order (Engine.meta_step without the distributed wrapper):
+    the meta-loss of the task batch, its backward, the optimizer step, gradients released."""
+    output = learner(*batch)
+    output.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

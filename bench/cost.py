@@ -6,11 +6,14 @@
 
 Every configuration runs a real meta-step (forward, outer backward, Adam step) on real Omniglot episodes drawn once
 up front (data loading is not timed). Timed rounds are interleaved across the configurations of a setting, so
-their ratios stay meaningful on a noisy machine. Implementations (the first four run our own inner loop):
-  ours           MetaLearner with the per-task loop and the trainer's defaults (the CPU default)
-  channels_last  ours with --channels_last (NHWC convolutions)
-  compile        ours with --channels_last --compile (torch.compile, inductor; compiled before timing starts)
-  vmap           MetaLearner with torch.func.vmap over tasks (the GPU default)
+their ratios stay meaningful on a noisy machine. Implementations (all but the reference are the trainer's own
+MetaLearner, built by build_learner and stepped by bench.common.meta_step):
+  ours           the trainer's defaults (on CPU: the per-task loop, channels-last by --channels_last auto)
+  nchw           ours with --channels_last false (the NCHW layout)
+  channels_last  ours with --channels_last true
+  compile        ours with --channels_last true --compile (torch.compile, inductor; compiled before timing)
+  compile_nchw   ours with --channels_last false --compile
+  vmap           torch.func.vmap over tasks (--task_parallel vmap, NCHW; the GPU default)
   reference      the per-task clone/adapt loop of the paper's code: learn2learn's MAML.clone()/adapt() when
                  installed (bench/install_learn2learn.sh), else the same loop on `higher` (bench/reference.py); the
                  JSON says which
@@ -23,14 +26,18 @@ import itertools
 import fire
 import torch
 
-from bench.common import interleaved_medians, machine, peak_memory_bytes, write_json
+from bench.common import (bench_learner, interleaved_medians, machine, machine_load, meta_step, peak_memory_bytes,
+                          write_json)
 from bench.reference import CloneLoopMetaStep, learn2learn_available, reference_conv4
-from dist_signmaml.algorithms import MetaLearner, make_rule
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR
+from dist_signmaml.cpu_allocator import keep_freed_memory
 from dist_signmaml.data import EpisodeShape, EpisodeStream
-from dist_signmaml.models import build_backbone
 
-IMPLEMENTATIONS = ("ours", "channels_last", "compile", "vmap", "reference")
+# implementation -> the trainer options it sets (the reference is not ours, see bench/reference.py)
+OPTIONS = {"ours": {}, "nchw": {"channels_last": False}, "channels_last": {"channels_last": True},
+           "compile": {"channels_last": True, "compile": True}, "compile_nchw": {"channels_last": False, "compile": True},
+           "vmap": {"task_parallel": "vmap", "channels_last": False}}
+IMPLEMENTATIONS = tuple(OPTIONS) + ("reference",)
 REFERENCE_BACKEND = "learn2learn" if learn2learn_available() else "higher"
 
 
@@ -44,24 +51,14 @@ def build_step(algo: str, implementation: str, inner_steps: int, batch, ways: in
     """A closure running one full meta-step of (algo, implementation) on `batch`."""
     torch.manual_seed(0)
     channels, size = batch.support_x.shape[2], batch.support_x.shape[-1]
-    lr = DEFAULT_INNER_LR[algo]
+    device = batch.support_x.device
     if implementation == "reference":
-        model = reference_conv4(channels, ways, image_size=size).to(batch.support_x.device)
-        reference = CloneLoopMetaStep(model, algo, lr, inner_steps, backend=REFERENCE_BACKEND)
+        model = reference_conv4(channels, ways, image_size=size).to(device)
+        reference = CloneLoopMetaStep(model, algo, DEFAULT_INNER_LR[algo], inner_steps, backend=REFERENCE_BACKEND)
         return lambda: reference(*batch) and None
-    model = build_backbone("conv4", in_channels=channels, ways=ways, image_size=size,
-                           channels_last=implementation in ("channels_last", "compile")).to(batch.support_x.device)
-    learner = MetaLearner(model, make_rule(algo), lr, inner_steps, "vmap" if implementation == "vmap" else "loop")
-    if implementation == "compile":
-        learner.compile_tasks()
-    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
-
-    def step():
-        learner(*batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    learner, optimizer = bench_learner((size, size, channels), device, algo=algo, ways=ways,
+                                       inner_steps=inner_steps, **OPTIONS[implementation])
+    return lambda: meta_step(learner, optimizer, batch)
 
 
 def main(ways="5", shots: int = 1, queries="1,15", inner_steps="1", meta_batch="4", algos="sign,fo,maml",
@@ -73,7 +70,7 @@ def main(ways="5", shots: int = 1, queries="1,15", inner_steps="1", meta_batch="
     Args:
         ways, queries, inner_steps, meta_batch: comma-separated lists; every combination is a setting.
         algos: comma-separated subset of sign,fo,maml.
-        implementations: comma-separated subset of ours,vmap,reference.
+        implementations: comma-separated subset of IMPLEMENTATIONS (module docstring).
         repeats, warmup: timed and untimed interleaved rounds per setting.
         threads: torch intra-op threads.
         memory: also measure peak memory of one step per configuration.
@@ -81,11 +78,14 @@ def main(ways="5", shots: int = 1, queries="1,15", inner_steps="1", meta_batch="
     """
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":  # what build_learner does for ours, applied up front so the reference runs alike
+        keep_freed_memory()
     algos, implementations = as_list(algos, str), as_list(implementations, str)
     unknown = sorted(set(implementations) - set(IMPLEMENTATIONS))
     if unknown:
         raise SystemExit(f"error: --implementations has {unknown}; expected a subset of {IMPLEMENTATIONS}")
-    results = {"machine": machine(), "reference_backend": REFERENCE_BACKEND, "shots": shots, "repeats": repeats, "warmup": warmup, "settings": []}
+    results = {"machine": machine(), "load_before": machine_load(), "reference_backend": REFERENCE_BACKEND,
+               "shots": shots, "repeats": repeats, "warmup": warmup, "settings": []}
     for w, q, m, p in itertools.product(as_list(ways), as_list(queries), as_list(inner_steps), as_list(meta_batch)):
         batch = EpisodeStream(f"{data}/train", EpisodeShape(w, shots, q), p, seed=0).batch(0).to(device)
         steps = {f"{algo}@{impl}": build_step(algo, impl, m, batch, w) for algo in algos for impl in implementations}
@@ -105,9 +105,12 @@ def main(ways="5", shots: int = 1, queries="1,15", inner_steps="1", meta_batch="
                     ratios[f"{algo}: {impl}/reference"] = median[f"{algo}@{impl}"] / median[f"{algo}@reference"]
                 if impl not in ("ours", "reference") and f"{algo}@ours" in median:
                     ratios[f"{algo}: {impl}/ours"] = median[f"{algo}@{impl}"] / median[f"{algo}@ours"]
+                if impl not in ("nchw", "reference") and f"{algo}@nchw" in median:
+                    ratios[f"{algo}: {impl}/nchw"] = median[f"{algo}@{impl}"] / median[f"{algo}@nchw"]
         entry["ratios"] = ratios
         results["settings"].append(entry)
         print(f"# {w}-way {q}q m={m} P={p}: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items()), flush=True)
+    results["load_after"] = machine_load()
     write_json(results, out)
 
 

@@ -23,7 +23,7 @@ TARGETS = {"sign/fo": 1.02, "sign/maml@m1": 0.40, "sign/maml@m5": 0.30, "memory 
            "reference@1q": 0.7, "reference@15q": 0.9}
 
 
-IMPLEMENTATION_ORDER = ["ours", "channels_last", "compile", "vmap", "reference"]
+IMPLEMENTATION_ORDER = ["ours", "nchw", "channels_last", "compile", "compile_nchw", "vmap", "reference"]
 
 
 def mark(value: float, target: float | None) -> str:
@@ -37,7 +37,8 @@ def settings_of(paths) -> list[dict]:
     for path in paths:
         data = json.loads(Path(path).read_text())
         for entry in data["settings"]:
-            found.append(entry | {"machine": data["machine"], "file": Path(path).name})
+            found.append(entry | {"machine": data["machine"], "file": Path(path).name,
+                                  "load": (data.get("load_before"), data.get("load_after"))})
     return found
 
 
@@ -116,6 +117,16 @@ def tables(*paths: str) -> str:
     entries = settings_of(paths)
     machines = {json.dumps(e["machine"], sort_keys=True) for e in entries}
     out = [f"Machine: {', '.join(sorted(machines))}. Median of the timed steps; ✓/✗ against the targets.", ""]
+    out += ["Machine load while measured (1/5/15-min load averages before -> after; other busy processes):", ""]
+    for name, (before, after) in sorted({e["file"]: e["load"] for e in entries}.items()):
+        if before is None:
+            out.append(f"- {name}: not recorded (measured before load was recorded)")
+            continue
+        busy = sorted(set(before["busy_processes"]) | set(after["busy_processes"] if after else []))
+        out.append(f"- {name}: {before['load_average_1_5_15min']} -> {after['load_average_1_5_15min'] if after else '?'}"
+                   f" on {before['cpu_cores']} cores, pinned to {before['pinned_to_cores']}; busy: "
+                   f"{', '.join(busy) if busy else 'nothing else'}")
+    out.append("")
     for title, lines in (("Step time (ours, per-task loop)", step_time_table(entries)),
                          ("Peak memory of one meta-step (tensors alive above the start)", memory_table(entries)),
                          ("Implementations side by side", implementation_table(entries))):

@@ -17,7 +17,8 @@ from dist_signmaml.algorithms.learner import resolve_task_parallel
 from dist_signmaml.config import DEFAULT_DATA, PAPER_META_BATCH, ConfigError, TrainConfig
 from dist_signmaml.data import EpisodeShape, EpisodeStream, read_index
 from dist_signmaml.data.episodes import usable_classes
-from dist_signmaml.models import adapted_parameter_names, build_backbone, load_weights
+from dist_signmaml.cpu_allocator import keep_freed_memory
+from dist_signmaml.models import adapted_parameter_names, build_backbone, load_weights, resolve_channels_last
 
 # Images beyond this side length are not few-shot benchmarks; the bound stops a corrupt index from sizing a model of
 # many gigabytes before anything else is read (conv4 at 2048 px is already ~1 GB of activations per task).
@@ -39,10 +40,13 @@ def build_learner(config: TrainConfig, image_shape, device) -> MetaLearner:
     """The MetaLearner of `config` for images of `image_shape` (H, W, C). `evaluate` rebuilds trained weights
     with this same function, so a meta-test runs exactly the trained model and inner loop."""
     height, width, channels = check_image_shape(image_shape, "image_shape")
+    if str(device).split(":")[0] == "cpu":
+        keep_freed_memory()  # no page faults on every step's fresh graph (cpu_allocator)
+    channels_last, _ = resolve_channels_last(config.channels_last, device)
     try:
         model = build_backbone(config.backbone, in_channels=channels, ways=config.ways, hidden=config.hidden,
                                image_size=height, stem=config.stem, precision=config.precision,
-                               channels_last=config.channels_last,
+                               channels_last=channels_last,
                                activation_checkpointing=config.activation_checkpointing)
         adapted_names = adapted_parameter_names(model, config.adapt)
     except ValueError as error:

@@ -92,7 +92,8 @@ class TrainConfig:
     weights: str = _field("", "local state dict (.pth/.pt/.safetensors) to start from, e.g. torchvision ResNet weights; never downloaded")
     adapt: str = _field("all", "parameters the inner loop adapts: all | head (ANIL-style) | last:K (last K blocks + head)")
     precision: str = _field("fp32", "fp32 | bf16 (torch.autocast in the backbone's forward, CPU and CUDA; weights stay fp32)")
-    channels_last: bool = _field(False, "store convolution weights channels-last (NHWC)")
+    channels_last: bool | str = _field("auto", "NHWC end to end (weights, images, gradients): true | false | auto "
+                                                "(channels-last on CPU, where it measured faster; the choice is logged)")
     compile: bool = _field(False, "torch.compile the per-task inner loop + query loss (first steps are slow: compilation)")
     compile_backend: str = _field("inductor", "torch.compile backend for --compile")
     activation_checkpointing: bool = _field(False, "recompute block activations in backward (query forwards in the task loop)")
@@ -204,8 +205,11 @@ class TrainConfig:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
-        for flag in ("channels_last", "compile", "activation_checkpointing"):
+        for flag in ("compile", "activation_checkpointing"):
             need(isinstance(getattr(self, flag), bool), flag, "True or False")
+        if isinstance(self.channels_last, str) and self.channels_last.lower() in ("true", "false"):
+            self.channels_last = self.channels_last.lower() == "true"  # the CLI passes lower-case words as text
+        need(self.channels_last in (True, False, "auto"), "channels_last", "true, false or auto")
         need(isinstance(self.compile_backend, str) and self.compile_backend, "compile_backend", "a torch.compile backend name")
         need(not (self.activation_checkpointing and self.task_parallel == "vmap"), "task_parallel",
              "loop or auto with --activation_checkpointing (checkpointing needs plain autograd, which vmap is not)")

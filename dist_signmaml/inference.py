@@ -33,7 +33,7 @@ from torch.func import functional_call
 from dist_signmaml.algorithms.inner import adapt as inner_adapt
 from dist_signmaml.algorithms.learner import BACKBONE_PREFIX, to_learner_names
 from dist_signmaml.data.episodes import Normalizer
-from dist_signmaml.models.norm import TaskBatchNorm2d, fused_batchnorm_kernel
+from dist_signmaml.models.norm import TaskBatchNorm2d
 
 NORMALIZATION = "normalization"  # export metadata key: {"mean": [...], "std": [...]} of the train split (train.py)
 BATCHNORM_MODES = ("query", "support")
@@ -269,10 +269,6 @@ class MetaTrainedModel:
     def device(self) -> torch.device:
         return next(self.learner.parameters()).device
 
-    def batchnorm_kernel(self):
-        """The BatchNorm kernel the MetaLearner's task loop uses, so adapted weights match evaluate's bit for bit."""
-        return fused_batchnorm_kernel() if self.learner.task_parallel == "loop" else contextlib.nullcontext()
-
     def adapt(self, images, labels: Sequence[Hashable], *, steps: int | None = None) -> AdaptedModel:
         """Inner steps of the trained rule on a support set (`steps` default: the run's test_inner_steps), with
         the trained step sizes: the fixed beta, or the learned ones (steps past the trained ones reuse the last).
@@ -293,7 +289,7 @@ class MetaTrainedModel:
             raise InferenceError(f"{len(support_x)} support images but {len(labels)} labels")
         support_y = torch.tensor([classes.index(label) for label in labels], device=self.device)
         learner = self.learner
-        with torch.no_grad(), self.batchnorm_kernel():
+        with torch.no_grad():
             params = inner_adapt(learner.model, dict(learner.model.named_parameters()), support_x, support_y,
                                  rule=learner.rule, steps=steps, lr=learner.step_sizes(), differentiate_through=False,
                                  adapted_names=learner.adapted_names)
@@ -316,7 +312,7 @@ class AdaptedModel:
             raise InferenceError(f"batchnorm={batchnorm!r} is invalid: expected one of {', '.join(BATCHNORM_MODES)}")
         x = self.parent.preprocessing(images).to(self.parent.device)
         model = self.parent.learner.model
-        with torch.no_grad(), self.parent.batchnorm_kernel():
+        with torch.no_grad():
             if batchnorm == "query":
                 return functional_call(model, self.params, (x,))
             statistics = self.support_statistics()
@@ -347,7 +343,7 @@ class AdaptedModel:
 
             handles = [layer.register_forward_pre_hook(record) for layer in layers]
             try:
-                with torch.no_grad(), self.parent.batchnorm_kernel():
+                with torch.no_grad():
                     functional_call(model, self.params, (self._support_x,))
             finally:
                 for handle in handles:

@@ -31,6 +31,7 @@ from dist_signmaml.optim import OuterLRSchedule
 from dist_signmaml.monitor import (TrainMonitor, Validator, final_test, log_config_text, log_final_hparams,
                                    summarize_run)
 from dist_signmaml.manifest import RunManifest
+from dist_signmaml.models import resolve_channels_last
 from dist_signmaml.preemption import stop_when_launcher_dies
 from dist_signmaml.profiling import StepProfiler
 
@@ -52,7 +53,9 @@ def train(config: TrainConfig) -> dict:
         if config.weights:  # before prepare, so every rank starts from the file (DDP also broadcasts rank 0's)
             fresh = load_initial_weights(learner, config.weights)
             engine.print0(f"initialised from {config.weights}" + (f"; new: {', '.join(fresh)}" if fresh else ""))
-        resolved = {"rule": learner.rule.description, "hidden": resolved_width(learner),
+        channels_last, layout_reason = resolve_channels_last(config.channels_last, engine.device)
+        engine.print0(f"memory layout: {'channels-last' if channels_last else 'NCHW'} ({layout_reason})")
+        resolved = {"rule": learner.rule.description, "hidden": resolved_width(learner), "channels_last": channels_last,
                     "task_parallel": learner.task_parallel,
                     "world_size": engine.world_size, "torch_threads": threads[0], "torch_threads_from": threads[1]}
         optimizer = build_optimizer(config, learner)

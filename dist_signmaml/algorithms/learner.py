@@ -12,7 +12,6 @@ from torch.func import vmap
 
 from dist_signmaml.algorithms.inner import accuracy_curve, multi_step_weights, task_outcome, unadapted_accuracy
 from dist_signmaml.algorithms.rules import InnerRule
-from dist_signmaml.models.norm import fused_batchnorm_kernel
 
 TASK_PARALLEL_MODES = ("auto", "vmap", "loop")
 # --learn_inner_lr: none (one fixed beta) | layer (a learned beta per adapted tensor) | layer_step (per tensor and
@@ -173,13 +172,12 @@ class MetaLearner(nn.Module):
                 with torch.no_grad():
                     accuracies_before = vmap(before, in_dims=(None, 0, 0))(params, query_x, query_y)
         else:
-            with fused_batchnorm_kernel():  # exact outside vmap, and faster
-                results = [self._one_task(outcome, params, support_x[t], support_y[t], query_x[t], query_y[t])
-                           for t in range(len(support_x))]
-                if diagnostics:
-                    with torch.no_grad():
-                        accuracies_before = torch.stack([before(params, query_x[t], query_y[t])
-                                                         for t in range(len(query_x))])
+            results = [self._one_task(outcome, params, support_x[t], support_y[t], query_x[t], query_y[t])
+                       for t in range(len(support_x))]
+            if diagnostics:
+                with torch.no_grad():
+                    accuracies_before = torch.stack([before(params, query_x[t], query_y[t])
+                                                     for t in range(len(query_x))])
             losses = torch.stack([result[0] for result in results])
             accuracies = torch.stack([result[1] for result in results])
             per_task_diagnostics = ({k: torch.stack([result[2][k] for result in results]) for k in results[0][2]}
@@ -199,6 +197,5 @@ class MetaLearner(nn.Module):
         curve = partial(accuracy_curve, self.model, rule=self.rule, steps=steps, lr=self.step_sizes(lr_scale),
                         adapted_names=self.adapted_names)
         params = {name: p.detach() for name, p in self.model.named_parameters()}
-        with fused_batchnorm_kernel():
-            return torch.stack([curve(params, support_x[t], support_y[t], query_x[t], query_y[t])
-                                for t in range(len(support_x))])
+        return torch.stack([curve(params, support_x[t], support_y[t], query_x[t], query_y[t])
+                            for t in range(len(support_x))])

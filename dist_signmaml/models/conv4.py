@@ -1,4 +1,10 @@
-"""The paper's 4-layer CNN: 4 x [conv3x3 -> BatchNorm -> ReLU -> 2x2 max-pool], then a linear head (paper §5.1)."""
+"""The paper's 4-layer CNN: 4 x [conv3x3 -> BatchNorm -> ReLU -> 2x2 max-pool], then a linear head (paper §5.1).
+
+Each block runs the max-pool before the ReLU. The two commute exactly (ReLU is monotone, so the max of the ReLUs is
+the ReLU of the max, and the gradient reaches the same element or, when the max is <= 0, none), values and
+gradients alike (tested in float64); pooling first makes the ReLU and its backward run on a quarter of the
+elements. The module order (and so the state-dict names) is conv, BatchNorm, ReLU, max-pool as in the paper.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,18 @@ def task_batchnorm(channels: int) -> TaskBatchNorm2d:
     return TaskBatchNorm2d(channels)
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), task_batchnorm(out_channels),
+class ConvBlock(nn.Sequential):
+    """conv3x3 -> BatchNorm -> ReLU -> 2x2 max-pool, computed as conv -> BatchNorm -> max-pool -> ReLU (same
+    numbers, see the module docstring). Indices 0-3 are conv, BatchNorm, ReLU, max-pool."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(nn.Conv2d(in_channels, out_channels, 3, padding=1), task_batchnorm(out_channels),
                          nn.ReLU(), nn.MaxPool2d(2))
+
+    def forward(self, x):
+        convolution, norm, activation, pool = self
+        return activation(pool(norm(convolution(x))))
+
 
 
 class Conv4(Backbone):
@@ -22,8 +37,8 @@ class Conv4(Backbone):
 
     def __init__(self, in_channels: int, ways: int, hidden: int = 64, image_size: int = 28):
         super().__init__()
-        self.features = nn.Sequential(conv_block(in_channels, hidden), conv_block(hidden, hidden),
-                                      conv_block(hidden, hidden), conv_block(hidden, hidden), nn.Flatten())
+        self.features = nn.Sequential(ConvBlock(in_channels, hidden), ConvBlock(hidden, hidden),
+                                      ConvBlock(hidden, hidden), ConvBlock(hidden, hidden), nn.Flatten())
         side = image_size
         for _ in range(4):
             side //= 2

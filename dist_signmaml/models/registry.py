@@ -31,8 +31,8 @@ def build_backbone(name: str, *, in_channels: int, ways: int, hidden: int = 0, i
     """The backbone `name` for `ways`-way tasks on square `image_size` px images with `in_channels` channels.
 
     precision                 fp32 | bf16 (autocast inside the backbone's forward, see Backbone)
-    channels_last             store the convolution weights NHWC: convolutions then run channels-last whatever
-                              the input's layout (PyTorch follows the weight), which is faster on GPUs with bf16
+    channels_last             run the whole forward NHWC: weights stored channels-last, images converted on
+                              entry (Backbone.set_channels_last); see resolve_channels_last for `--channels_last auto`
     activation_checkpointing  recompute each block's activations in backward instead of keeping them
     """
     if name not in BACKBONES:
@@ -42,7 +42,28 @@ def build_backbone(name: str, *, in_channels: int, ways: int, hidden: int = 0, i
                          f"use --hidden 0")
     model = BACKBONES[name](in_channels, ways, hidden, image_size, stem)
     model.set_precision(precision).set_activation_checkpointing(activation_checkpointing)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    return model.set_channels_last(channels_last)
+
+
+# ---- memory layout -----------------------------------------------------------------------------------------------
+
+CHANNELS_LAST_CHOICES = (True, False, "auto")
+
+
+def resolve_channels_last(choice: bool | str, device: torch.device | str) -> tuple[bool, str]:
+    """`--channels_last true | false | auto` -> (use channels-last, why), the reason for the run's log.
+
+    auto: channels-last on CPU, where it measured faster for every backbone and query count we benchmark (conv4 at
+    28 and 84 px, ResNet-12; 1 and 15 queries: docs/benchmarks.md, bench/results/layout_cpu.json); NCHW elsewhere,
+    until it is measured there (bench/gpu.sh measures it on CUDA).
+    """
+    if choice not in CHANNELS_LAST_CHOICES:
+        raise ValueError(f"--channels_last={choice!r} is not known; expected true, false or auto")
+    if choice != "auto":
+        return bool(choice), f"--channels_last {str(choice).lower()}"
+    if torch.device(device).type == "cpu":
+        return True, "--channels_last auto: channels-last on CPU (measured faster, docs/benchmarks.md)"
+    return False, f"--channels_last auto: NCHW on {torch.device(device).type} (channels-last not measured faster there)"
 
 
 # ---- partial adaptation ------------------------------------------------------------------------------------------
