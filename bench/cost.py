@@ -84,7 +84,8 @@ def main(ways="5", shots: int = 1, queries="1,15", inner_steps="1", meta_batch="
     unknown = sorted(set(implementations) - set(IMPLEMENTATIONS))
     if unknown:
         raise SystemExit(f"error: --implementations has {unknown}; expected a subset of {IMPLEMENTATIONS}")
-    results = {"machine": machine(), "load_before": machine_load(), "reference_backend": REFERENCE_BACKEND, "shots": shots, "repeats": repeats, "warmup": warmup, "settings": []}
+    results = {"machine": machine(), "load_before": machine_load(), "reference_backend": REFERENCE_BACKEND,
+               "shots": shots, "repeats": repeats, "warmup": warmup, "settings": []}
     for w, q, m, p in itertools.product(as_list(ways), as_list(queries), as_list(inner_steps), as_list(meta_batch)):
         batch = EpisodeStream(f"{data}/train", EpisodeShape(w, shots, q), p, seed=0).batch(0).to(device)
         steps = {f"{algo}@{impl}": build_step(algo, impl, m, batch, w) for algo in algos for impl in implementations}

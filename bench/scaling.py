@@ -15,7 +15,8 @@ reach is bound = 2 x (slower copy's tasks/s) / (1 rank alone's tasks/s); `effici
 (goal >= 0.95). What the rest costs is measured per rank: the all-reduce twice, inside DDP (a comm hook timing each
 bucket from launch to completion, so it includes waiting for the slower rank) and alone (the same number of bytes
 all-reduced after a barrier), and the stop vote (Engine.any_rank, one small all-reduce per training step) alone.
-The loader is not in the loop (episodes are drawn before it), so none of the gap is the loader's. `cpu_share_per_rank` (CPU time / wall time) shows whether a rank had
+The loader is not in the loop (episodes are drawn before it), so none of the gap is the loader's.
+`cpu_share_per_rank` (CPU time / wall time) shows whether a rank had
 its core to itself; `cpu_time_efficiency_two_vs_one` compares tasks per CPU-second, which other load on the
 machine does not distort.
 """

@@ -17,12 +17,42 @@ from dist_signmaml.optim import OUTER_LR_SCHEDULES
 from dist_signmaml.profiling import normalize_profile_steps, parse_profile_steps
 from dist_signmaml.trackers import check_log_with, normalize_log_with
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout; every other module takes it from here
 DEFAULT_DATA = REPO_ROOT / "data" / "shards" / "omniglot-28"
+PAPER_META_BATCH = 4  # P, tasks per meta-step (paper section 5.1)
 
-# Inner learning rate beta per rule for Omniglot 28 px conv4-64, picked on the Omniglot *validation* split by the
-# Appendix-A grid documented in README.md ("Choosing beta"); a user-given --inner_lr always wins.
-DEFAULT_INNER_LR = {"sign": 0.005, "signum": 0.005, "fo": 0.1, "maml": 0.2}
+
+@dataclass(frozen=True)
+class AlgorithmFacts:
+    """What the CLIs, the sweep and the benchmarks need to know about one inner rule (the rule itself is
+    algorithms.make_rule). `default_inner_lr` is beta for Omniglot 28 px conv4-64, picked on the Omniglot
+    *validation* split by the Appendix-A grid (docs: "Choosing beta"); a user-given --inner_lr always wins."""
+
+    default_inner_lr: float
+    paper_grid: tuple[float, ...]  # Appendix A's search range for beta
+    help: str
+
+
+# signum takes Sign-MAML's grid (both step by beta * sign(.)).
+ALGORITHM_FACTS = {
+    "sign": AlgorithmFacts(0.005, (0.0035, 0.005, 0.0065, 0.0075, 0.01), "Sign-MAML: signSGD inner step (eq. 14)"),
+    "fo": AlgorithmFacts(0.1, (0.06, 0.08, 0.1, 0.12, 0.14, 0.16), "FO-MAML: SGD inner step, first-order"),
+    "maml": AlgorithmFacts(0.2, (0.06, 0.08, 0.1, 0.12, 0.14, 0.16), "MAML: SGD inner step, second-order (eq. 5)"),
+    "signum": AlgorithmFacts(0.005, (0.0035, 0.005, 0.0065, 0.0075, 0.01), "Signum-MAML: sign of the momentum"),
+}
+assert set(ALGORITHM_FACTS) == set(ALGORITHMS), "every inner rule needs its facts"
+DEFAULT_INNER_LR = {algo: facts.default_inner_lr for algo, facts in ALGORITHM_FACTS.items()}
+PAPER_GRIDS = {algo: facts.paper_grid for algo, facts in ALGORITHM_FACTS.items()}
+
+# Options that may differ between a run and its resume: they change how long, how often or how fast it runs, not the
+# model or the algorithm (docs/run_lifecycle.md). Every other option must equal the checkpoint's.
+MAY_CHANGE_ON_RESUME = frozenset({
+    "steps", "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "eval_episodes", "test_episodes",
+    "test_inner_steps", "workers", "window_shards", "resume", "overwrite", "out", "data", "dist_timeout",
+    "on_bad_sample", "on_nonfinite", "task_parallel", "compile", "compile_backend", "activation_checkpointing",
+    "log_with", "project", "profile_steps",
+})
+NONFINITE_POLICIES = ("stop", "skip_step")
 
 
 class ConfigError(ValueError):
@@ -52,7 +82,8 @@ class TrainConfig:
     inner_lr_lr: float = _field(0.01, "Adam learning rate of the learned log step sizes (--learn_inner_lr)")
     multi_step_loss: bool = _field(False, "train on the query loss after every inner step, MAML++'s annealed weights "
                                           "(memory stays flat in --inner_steps for sign/fo/signum)")
-    meta_batch: int = _field(4, "tasks per meta-step over all ranks (paper: P = 4)")
+    meta_batch: int = _field(0, "tasks per meta-step over all ranks; 0 = the paper's P = 4 rounded up to a multiple of "
+                                "the processes (8 processes: 8)")
     steps: int = _field(300, "meta-steps to train")
     backbone: str = _field("conv4", "backbone: conv4 | resnet12 | resnet18 | resnet34 (README: Backbones and precision)")
     hidden: int = _field(0, "width: conv4 filters (0 = 64 below 64 px, 32 from 64 px, paper); resnet12 base width "
@@ -72,17 +103,22 @@ class TrainConfig:
     log_every: int = _field(10, "meta-steps between TensorBoard/progress updates")
     ckpt_every: int = _field(100, "meta-steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = _field(2, "newest checkpoints kept in OUT/checkpoints")
-    resume: bool = _field(False, "continue from the newest checkpoint in --out")
+    resume: bool | str = _field(False, "continue from the newest good checkpoint in --out (starts fresh, saying so, "
+                                       "when there is none); 'must': an error when there is none")
+    overwrite: bool = _field(False, "start fresh in an --out that holds another run's checkpoints, deleting that run's files")
     task_parallel: str = _field("auto", f"run a rank's tasks with {' | '.join(TASK_PARALLEL_MODES)} (auto: loop on CPU, vmap on GPU)")
     workers: int = _field(0, "DataLoader worker processes per rank for the episode stream")
     window_shards: int = _field(8, "shards each stream keeps in memory")
     class_sampling: str = _field("balanced", "episode classes: balanced (each class equally likely) | proportional (to its image count)")
-    on_bad_sample: str = _field("error", "unreadable shard sample: error (stop, naming shard and member) | skip (warn, count in TensorBoard data/bad_samples_skipped)")
+    on_bad_sample: str = _field("error", "unreadable shard sample: error (stop, naming shard and member) | skip (warn, "
+                                         "count in TensorBoard data/bad_samples_skipped)")
     eval_episodes: int = _field(100, "fixed val-split episodes per validation; the best weights by val accuracy are kept (0 = no validation)")
     eval_every: int = _field(100, "meta-steps between validations (one also runs at the last step; 0 = only then)")
     test_episodes: int = _field(200, "fixed test-split episodes scored at the end with the best weights (0 = skip; paper: 1000)")
     zero_stage: int = _field(0, "0 = DDP; 1 or 2 = DeepSpeed ZeRO stage (launch with `accelerate launch --use_deepspeed`)")
     dist_timeout: float = _field(300.0, "seconds a collective waits for a dead or hung rank before the run fails")
+    on_nonfinite: str = _field("stop", "non-finite loss or meta-gradient on any rank: stop (error naming step and rank; "
+                                       "the last good checkpoint is kept) | skip_step (skip that update, count it)")
     # Trackers, the run record and profiling (docs/cluster.md)
     log_with: str = _field("tensorboard", "trackers, comma-separated: any of tensorboard, wandb, mlflow ('' = none)")
     project: str = _field("dist_signmaml", "wandb project and MLflow experiment of the run (the run is named after --out)")
@@ -113,6 +149,8 @@ class TrainConfig:
         with blame_config_file(config_file, set(from_file) - set(options)):
             config = cls(**(from_file | options))
             config.validate()
+        # Every option as given (defaults included, before 0 = "auto" is resolved), for config.json; not a field.
+        config.given_options = {f.name: (from_file | options).get(f.name, f.default) for f in fields(cls)}
         return config
 
     def validate(self) -> None:
@@ -123,24 +161,30 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"--{flag}={getattr(self, flag)!r} is invalid: expected {allowed}")
 
-        for flag in ("ways", "shots", "queries", "inner_steps", "test_inner_steps", "meta_batch", "steps",
+        for flag in ("ways", "shots", "queries", "inner_steps", "test_inner_steps", "steps",
                      "log_every", "ckpt_every", "keep_checkpoints", "window_shards"):
             need(isinstance(getattr(self, flag), int) and not isinstance(getattr(self, flag), bool)
                  and getattr(self, flag) > 0, flag, "a positive integer")
         need(self.ways >= 2, "ways", "at least 2 classes per task")
         need(self.algo in ALGORITHMS, "algo", f"one of {', '.join(ALGORITHMS)}")  # before inner_lr: it sets its default
-        for flag in ("inner_lr", "outer_lr", "inner_lr_lr"):
-            need(isinstance(getattr(self, flag), (int, float)) and not isinstance(getattr(self, flag), bool)
-                 and math.isfinite(getattr(self, flag)) and getattr(self, flag) > 0, flag, "a finite positive number")
+        for flag in ("inner_lr", "outer_lr", "inner_lr_lr"):  # 1e400 parses as inf: overflowing rates are refused too
+            value = getattr(self, flag)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                 and 0 < value < 1e6, flag, "a finite positive number below 1e6")
         need(self.outer_lr_schedule in OUTER_LR_SCHEDULES, "outer_lr_schedule", f"one of {', '.join(OUTER_LR_SCHEDULES)}")
         need(self.learn_inner_lr in LEARNED_STEP_SIZES, "learn_inner_lr", f"one of {', '.join(LEARNED_STEP_SIZES)}")
         need(isinstance(self.multi_step_loss, bool), "multi_step_loss", "True or False")
         need(0 <= self.inner_momentum < 1, "inner_momentum", "a number in [0, 1)")
         need(self.backbone in BACKBONES, "backbone", f"one of {', '.join(sorted(BACKBONES))}")
         need(self.task_parallel in TASK_PARALLEL_MODES, "task_parallel", f"one of {', '.join(TASK_PARALLEL_MODES)}")
-        for flag in ("hidden", "workers", "eval_episodes", "eval_every", "test_episodes", "seed"):
+        for flag in ("hidden", "workers", "eval_episodes", "eval_every", "test_episodes", "seed", "meta_batch"):
             need(isinstance(getattr(self, flag), int) and getattr(self, flag) >= 0, flag, "an integer >= 0")
-        need(isinstance(self.resume, bool), "resume", "True or False")
+        need(isinstance(self.resume, bool) or self.resume == "must", "resume", "True, False or must")
+        need(isinstance(self.overwrite, bool), "overwrite", "True or False")
+        need(not (self.overwrite and self.resume), "overwrite", "False with --resume (resume keeps the run, "
+             "--overwrite deletes it)")
+        need(self.on_nonfinite in NONFINITE_POLICIES, "on_nonfinite", " or ".join(NONFINITE_POLICIES))
+        need(isinstance(self.out, str) and self.out.strip() != "", "out", "a run directory path")
         need(self.class_sampling in ("balanced", "proportional"), "class_sampling", "balanced or proportional")
         need(self.on_bad_sample in ("error", "skip"), "on_bad_sample", "error or skip")
         need(self.zero_stage in (0, 1, 2), "zero_stage", "0 (DDP), 1 or 2; ZeRO-3 partitions the parameters, which "
@@ -175,6 +219,19 @@ class TrainConfig:
         need(isinstance(self.compile_backend, str) and self.compile_backend, "compile_backend", "a torch.compile backend name")
         need(not (self.activation_checkpointing and self.task_parallel == "vmap"), "task_parallel",
              "loop or auto with --activation_checkpointing (checkpointing needs plain autograd, which vmap is not)")
+
+    def resume_differences(self, saved: dict) -> list[str]:
+        """`--flag: saved -> now` for every option that differs from a checkpoint's config and may not change on
+        resume (anything outside MAY_CHANGE_ON_RESUME alters the model, the data order or the algorithm)."""
+        differences = []
+        for f in fields(self):
+            if f.name in MAY_CHANGE_ON_RESUME:
+                continue
+            now = getattr(self, f.name)
+            before = saved.get(f.name, f.default)  # a checkpoint written before an option existed ran its default
+            if before != now:
+                differences.append(f"--{f.name}: {before!r} -> {now!r}")
+        return differences
 
     def _validate_cluster_options(self) -> None:
         try:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from dist_signmaml.artifacts import CONFIG_YAML  # noqa: F401  (the run directory's names are defined once)
 from dist_signmaml.config import ConfigError
 
-CONFIG_YAML = "config.yaml"  # the resolved configuration in the run directory (config.json holds the same values)
 CONFIG_FLAG = "config"       # --config PATH: read by TrainConfig.from_options, never a field itself
 
 if sys.version_info >= (3, 11):

@@ -1,13 +1,16 @@
-"""The only module that touches Accelerate (and, through it, DeepSpeed): processes, prepare, backward, metric
-reduction, trackers, checkpoints and export. Everything below it is single-device code."""
+"""The only module that touches Accelerate (and, through it, DeepSpeed): processes, prepare, backward, the
+non-finite guard, metric reductions, broadcasts, trackers, checkpoint state and export.
+
+Below it nothing imports accelerate or deepspeed, but not everything there is single-device: the episode stream and
+the meta-test split their work by the rank and world size this engine hands them. Model and algorithm code
+(`models/`, `algorithms/`) is written for one device; data parallelism is applied from here.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
-import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -16,18 +19,19 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker
-from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
-from safetensors.torch import save_file
+from accelerate.utils import (DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs,
+                               broadcast_object_list, set_seed)
 
-from dist_signmaml.algorithms.learner import to_export_names
-from dist_signmaml.trackers import TENSORBOARD_DIR, tracker_names, tracker_settings
-
-CHECKPOINT_DIR = "checkpoints"
-TRAIN_STATE = "train_state.json"  # written last: a checkpoint without it is incomplete and ignored
+from dist_signmaml.artifacts import TENSORBOARD_DIR, non_finite_tensors, save_weights
+from dist_signmaml.trackers import tracker_names, tracker_settings
 
 
 class DistributedSetupError(RuntimeError):
     pass
+
+
+class NonFiniteError(FloatingPointError):
+    """A meta-step produced a non-finite loss or meta-gradient; the update was not applied."""
 
 
 class PeerLostError(RuntimeError):
@@ -185,20 +189,55 @@ class Engine:
         Under DeepSpeed it also runs the optimizer step (the prepared optimizer's step() is then a no-op)."""
         self.accelerator.backward(loss)
 
-    def meta_step(self, learner, optimizer, episodes, phase=None, **forward_options):
+    def meta_step(self, learner, optimizer, episodes, phase=None, *, step: int = 0, on_nonfinite: str = "stop",
+                  **forward_options):
         """One meta-update on this rank's share of the meta-batch: the meta-loss through the *prepared* module's
         forward (so DDP/DeepSpeed see it), one backward that averages the meta-gradient over ranks, one step.
-        `phase(name)`, if given, is a context manager timing each part (monitor.PhaseTimer.phase)."""
+        `phase(name)`, if given, is a context manager timing each part (monitor.PhaseTimer.phase).
+
+        Before the update the ranks vote on whether any loss or meta-gradient is non-finite; if so no rank applies
+        it, so the weights (and every later checkpoint and export) stay finite. on_nonfinite='stop' raises
+        NonFiniteError naming the step and the first such rank; 'skip_step' returns None instead of the output."""
         phase = phase or (lambda name: contextlib.nullcontext())
         with self.naming_lost_peers("the meta-gradient all-reduce"):
             with phase("inner_loop"):
                 output = learner(*episodes.to(self.device), **forward_options)
-            with phase("outer_backward"):
-                self.backward(output.loss)
+            # DeepSpeed applies the optimizer inside backward: its vote is on the loss, before backward.
+            bad = self._first_non_finite(output.loss, None) if self.zero_stage else None
+            if bad is None:
+                with phase("outer_backward"):
+                    self.backward(output.loss)
+                if not self.zero_stage:
+                    bad = self._first_non_finite(output.loss, optimizer)
             with phase("optimizer_step"):
-                optimizer.step()
+                if bad is None:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        return output
+        if bad is None:
+            return output
+        if on_nonfinite == "skip_step":
+            return None
+        raise NonFiniteError(f"step {step}: {bad}; the update was not applied and the run stops, keeping the newest "
+                             f"checkpoint (all finite). Lower --inner_lr/--outer_lr, check the data's statistics, or "
+                             f"pass --on_nonfinite skip_step")
+
+    def _first_non_finite(self, loss: torch.Tensor, optimizer) -> str | None:
+        """Which rank, if any, has a non-finite loss or (after backward) meta-gradient, agreed by every rank."""
+        loss_bad = not bool(torch.isfinite(loss.detach()).all())
+        grad_bad = False
+        if optimizer is not None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            grad_bad = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        votes = torch.tensor([self.rank if loss_bad else self.world_size, self.rank if grad_bad else self.world_size])
+        if self._control is not None:
+            with self.naming_lost_peers("the non-finite vote"):
+                dist.all_reduce(votes, op=dist.ReduceOp.MIN, group=self._control)
+        loss_rank, grad_rank = (int(v) for v in votes)
+        if loss_rank < self.world_size:
+            return f"the meta-loss is not finite on rank {loss_rank}" + (f" (loss={loss.item()})" if loss_bad else "")
+        if grad_rank < self.world_size:
+            return f"the meta-gradient is not finite on rank {grad_rank}"
+        return None
 
     # ---- faults -----------------------------------------------------------------------------------------------
     def any_rank(self, flag: bool) -> bool:
@@ -251,8 +290,19 @@ class Engine:
     def mean_over_ranks(self, values: dict[str, torch.Tensor | float]) -> dict[str, float]:
         keys = sorted(values)
         stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=self.device) for k in keys])
-        reduced = self.accelerator.reduce(stacked, reduction="mean") if self.world_size > 1 else stacked
+        reduced = self.accelerator.reduce(stacked, reduction="mean")
         return {k: float(v) for k, v in zip(keys, reduced.tolist())}
+
+    @names_lost_peers("a metric reduction")
+    def sum_over_ranks(self, values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        keys = sorted(values)
+        stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=self.device) for k in keys])
+        return {k: float(v) for k, v in zip(keys, self.accelerator.reduce(stacked, reduction="sum").tolist())}
+
+    @names_lost_peers("a broadcast")
+    def broadcast_from_main(self, value):
+        """The main process's `value` (any picklable object) on every rank: one decision, one error, for all."""
+        return broadcast_object_list([value])[0] if self.world_size > 1 else value
 
     @names_lost_peers("a gather")
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -262,12 +312,22 @@ class Engine:
         return self.accelerator.unwrap_model(learner)
 
     # ---- tracking ---------------------------------------------------------------------------------------------
-    def start_tracking(self, hparams: dict, project: str = "dist_signmaml"):
-        """Start the trackers: TensorBoard under OUT/tb; wandb and MLflow under `project`, the run named after OUT
-        (dist_signmaml/trackers.py). Tracker calls run on the main process only (Accelerate handles that)."""
+    def start_tracking(self, hparams: dict, project: str = "dist_signmaml", first_step: int = 0):
+        """Start the trackers: TensorBoard in OUT/tb, one event stream per run directory; wandb and MLflow under
+        `project`, the run named after OUT (dist_signmaml/trackers.py). A resumed run purges the TensorBoard events a
+        stopped or killed session logged after its checkpoint (SummaryWriter's purge_step), so no step appears
+        twice. `hparams` go to wandb and MLflow as the run's parameters; TensorBoard gets them with the final metrics
+        at the end (tb/final), since storing them at start adds an empty timestamped run. Tracker calls run on the
+        main process only (Accelerate handles that)."""
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
         settings = tracker_settings(self.trackers, self.out_dir, self.out_dir.resolve().name) if self.is_main else {}
-        self.accelerator.init_trackers(project, config=flat, init_kwargs=settings)
+        for tracker in self.accelerator.log_with:
+            if isinstance(tracker, TensorBoardTracker) and first_step:
+                tracker.init_kwargs["purge_step"] = first_step + 1
+        self.accelerator.init_trackers(project, init_kwargs=settings)
+        for tracker in self.accelerator.trackers:
+            if tracker.name != "tensorboard":
+                tracker.store_init_configuration(flat)
 
     def log(self, values: dict, step: int):
         self.accelerator.log(values, step=step)
@@ -291,29 +351,26 @@ class Engine:
     def end(self):
         self.accelerator.end_training()
 
-    # ---- checkpoints ------------------------------------------------------------------------------------------
+    # ---- checkpoint state and export ----------------------------------------------------------------------------
     @names_lost_peers("saving a checkpoint")
-    def save_checkpoint(self, step: int, state: dict, keep: int) -> Path:
-        """Save model, optimizer and RNG states (Accelerate) plus `state` (JSON) to OUT/checkpoints/step_N."""
-        path = self.out_dir / CHECKPOINT_DIR / f"step_{step:08d}"
-        self.accelerator.save_state(str(path), safe_serialization=True)
-        if self.is_main:
-            (path / TRAIN_STATE).write_text(json.dumps({"step": step, **state}, indent=1, sort_keys=True))
-            for old in completed_checkpoints(self.out_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.wait()
-        return path
+    def save_state(self, folder: Path) -> None:
+        """Model, optimizer, LR scheduler and RNG states of every rank into `folder` (the checkpointer owns layout,
+        atomicity and rotation)."""
+        self.accelerator.save_state(str(folder), safe_serialization=True)
 
-    def load_checkpoint(self, path: Path) -> dict:
-        self.accelerator.load_state(str(path))
-        return json.loads((path / TRAIN_STATE).read_text())
+    @names_lost_peers("loading a checkpoint")
+    def load_state(self, folder: Path) -> None:
+        self.accelerator.load_state(str(folder))
 
     def export(self, learner, path: Path, metadata: dict):
-        """The meta-initialisation (backbone weights only) as safetensors, with the config in the metadata."""
+        """The meta-initialisation (backbone weights, names without the learner's prefix) as safetensors, with
+        `metadata` beside it. Every rank checks the weights are finite, so all raise together if not."""
         state = self.accelerator.get_state_dict(learner)
+        bad = non_finite_tensors(state)
+        if bad:
+            raise NonFiniteError(f"refusing to export {path}: non-finite weights in {', '.join(bad[:5])}")
         if self.is_main:
-            weights = {k: v.detach().cpu().contiguous() for k, v in to_export_names(state).items()}
-            save_file(weights, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
+            save_weights(path, state, metadata)
         self.wait()
 
 
@@ -332,10 +389,3 @@ def _reason(error: RuntimeError) -> str:
         return "did not answer in time (hung, or blocked in the failed collective)"
     return f"failed ({str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__})"
 
-
-def completed_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Checkpoints whose train_state.json exists, oldest first."""
-    root = Path(out_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if (p / TRAIN_STATE).is_file())

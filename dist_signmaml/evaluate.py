@@ -10,79 +10,24 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
-import math
 import sys
-import time
 from pathlib import Path
 
 import fire
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-from tqdm import tqdm
 
-from dist_signmaml.algorithms.learner import to_learner_names
 from dist_signmaml.algorithms.rules import ALGORITHMS
-from dist_signmaml.data import EpisodeShape, fixed_episodes
+from dist_signmaml.artifacts import (BEST_WEIGHTS, FINAL_WEIGHTS, WeightsFileError, atomic_write_text,
+                                     export_names, load_learner_weights, non_finite_tensors,
+                                     read_metadata)
+from dist_signmaml.builders import build_learner, check_image_shape, episode_shape
+from dist_signmaml.config import ConfigError, TrainConfig
+from dist_signmaml.data.format import ShardFormatError
+from dist_signmaml.engine import Engine
+from dist_signmaml.metatest import EVALUATION_SEED, confidence_interval, duration, meta_test
 
-# Every validation, test and `evaluate` run draws its fixed episodes with this seed, independent of the training
-# seed, so runs, methods and rank counts are all scored on the same tasks (and `evaluate` on a run directory with
-# the run's episode count reproduces the test result in its results.json).
-EVALUATION_SEED = 2021
-FINAL_WEIGHTS = "model.safetensors"  # the run's last meta-initialisation (train.py)
-BEST_WEIGHTS = "model_best.safetensors"  # the best one by validation accuracy (monitor.Validator)
-
-
-def confidence_interval(accuracies: torch.Tensor) -> tuple[float, float]:
-    """Mean and the half-width of the normal 95% interval, 1.96 * s / sqrt(n) (s with Bessel's correction)."""
-    n = accuracies.numel()
-    mean = accuracies.double().mean().item()
-    spread = accuracies.double().std(unbiased=True).item() if n > 1 else 0.0
-    return mean, 1.96 * spread / math.sqrt(n)
+__all__ = ["EVALUATION_SEED", "confidence_interval", "duration", "evaluate", "main", "meta_test", "weights_file"]
 
 
-def meta_test(learner, engine, split_dir, shape: EpisodeShape, *, episodes: int, inner_steps: int, seed: int,
-              tasks_per_batch: int, desc: str = "meta-test", announce_eta: bool = False) -> dict:
-    """Score `episodes` fixed episodes of `split_dir`; ranks take every world_size-th episode and the per-episode
-    accuracies are gathered, so any number of ranks reports exactly the numbers of one process.
-    `announce_eta`: after the first batch, print how long the whole meta-test will take at that pace."""
-    own_ids = list(range(engine.rank, episodes, engine.world_size))
-    accuracies = []
-    progress = tqdm(total=len(own_ids), disable=not engine.is_main, desc=desc, unit="episode", leave=False,
-                    dynamic_ncols=True)
-    learner.eval()
-    with torch.no_grad():
-        for batch in fixed_episodes(split_dir, shape, own_ids, seed=seed, tasks_per_batch=tasks_per_batch):
-            started = time.perf_counter()
-            accuracies.append(learner(*batch.to(engine.device), inner_steps=inner_steps).task_accuracies)
-            progress.update(len(accuracies[-1]))
-            if announce_eta and engine.is_main and len(accuracies) == 1 and len(own_ids) > len(accuracies[0]):
-                each = (time.perf_counter() - started) / len(accuracies[0])
-                progress.write(f"{desc}: {episodes} episodes on {engine.world_size} process(es), {each:.2f} s per "
-                               f"episode -> about {duration(each * len(own_ids))} in all (--episodes sets how many)")
-    learner.train()
-    progress.close()
-    # Ranks may own one episode fewer than others: pad to the same length with NaN, gather, put the episodes back in
-    # their own order (rank r held r, r + W, ...) so that even the rounding of the sums is that of one process.
-    per_rank = math.ceil(episodes / engine.world_size)
-    mine = torch.cat(accuracies) if accuracies else torch.empty(0, device=engine.device)
-    padded = torch.full((per_rank,), float("nan"), device=engine.device)
-    padded[: mine.numel()] = mine
-    in_episode_order = engine.gather(padded).view(engine.world_size, per_rank).t().reshape(-1)
-    everything = in_episode_order[~torch.isnan(in_episode_order)].cpu()
-    mean, ci95 = confidence_interval(everything)
-    return {"accuracy": mean, "ci95": ci95, "episodes": int(everything.numel()), "inner_steps": inner_steps}
-
-
-def duration(seconds: float) -> str:
-    """3725 -> '1 h 2 min', 130 -> '2 min 10 s', 9.4 -> '9 s'."""
-    seconds = round(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
-
-
-# ---- the command line -----------------------------------------------------------------------------------------
 
 class EvaluationError(ValueError):
     """Bad input to `evaluate`: the message names the argument, the value and what was expected."""
@@ -105,19 +50,6 @@ def weights_file(path: str | Path, weights: str = "best") -> Path:
     raise EvaluationError(f"run directory {str(path)!r} holds no {FINAL_WEIGHTS}: did its training finish?")
 
 
-def read_metadata(file: Path) -> dict:
-    """The JSON metadata dist_signmaml.train stores next to the weights (config, image shape, step, ...)."""
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            raw = handle.metadata() or {}
-    except Exception as error:  # safetensors raises its own error types for non-safetensors bytes
-        raise EvaluationError(f"{str(file)!r} is not a readable safetensors file ({error})") from None
-    if "config" not in raw:
-        raise EvaluationError(f"{str(file)!r} carries no training config in its metadata: only weights exported by "
-                              f"dist_signmaml.train can be evaluated")
-    return {key: json.loads(value) for key, value in raw.items()}
-
-
 def split_directory(data: str | Path, split: str) -> Path:
     """--split names a split under the data root (train/val/test), or is itself a split or episode directory."""
     if Path(split).is_dir() and (Path(split) / "index.json").is_file():
@@ -134,10 +66,6 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
              weights: str = "best", seed: int = EVALUATION_SEED, batch: int = 4, task_parallel: str = "auto",
              out: str = "") -> dict:
     """Meta-test exported weights on fixed episodes; every rank scores its share, rank 0 writes the JSON."""
-    from dist_signmaml.config import ConfigError, TrainConfig
-    from dist_signmaml.engine import Engine
-    from dist_signmaml.train import build_learner
-
     file = weights_file(path, weights)
     metadata = read_metadata(file)
     trained = dict(metadata["config"])
@@ -159,33 +87,64 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
     try:
         config = TrainConfig.from_options(**(trained | overrides))
     except ConfigError as error:
-        raise EvaluationError(str(error)) from None
+        raise EvaluationError(f"{file}: {error}") from None
     split_dir = split_directory(data or trained["data"], split)
-    shape = EpisodeShape(config.ways, config.shots, config.queries)
+    shape = episode_shape(config)
     engine = Engine(Path(out).parent if out else file.parent, config.seed, log_with=None)
     image_shape = metadata.get("image_shape") or _image_shape(split_dir)
     try:
-        learner = build_learner(config, image_shape, engine.device)
+        learner = build_learner(config, check_image_shape(image_shape, f"{file} metadata"), engine.device)
     except ConfigError as error:
         raise EvaluationError(f"{file}: {error}") from None
-    learner.load_state_dict(to_learner_names(load_file(str(file))))
-    learner.to(engine.device)
+    state = load_learner_weights(file)
+    bad = non_finite_tensors(export_names(state))  # named as in the file
+    if bad:
+        engine.print0(f"warning: {file} holds non-finite weights ({', '.join(bad[:5])}): its accuracy is meaningless")
     try:
-        result = meta_test(learner, engine, split_dir, shape, episodes=episodes, inner_steps=inner_steps, seed=seed,
-                           tasks_per_batch=batch, desc=f"evaluate {Path(split).name}", announce_eta=True)
-    except ValueError as error:  # e.g. more ways or shots+queries than the split holds
-        raise EvaluationError(str(error)) from None
+        learner.load_state_dict(state)
+    except RuntimeError as error:  # names or shapes that are not this config's learner
+        raise EvaluationError(f"{file}: the weights do not fit the backbone of its config "
+                              f"({str(error).strip().splitlines()[0][:300]})") from None
+    learner.to(engine.device)
+    check_split_fits(split_dir, shape, episodes)  # the expected input error; anything meta_test raises after it is a bug
+    result = meta_test(learner, engine, split_dir, shape, episodes=episodes, inner_steps=inner_steps, seed=seed,
+                       tasks_per_batch=batch, desc=f"evaluate {Path(split).name}", announce_eta=True)
     result |= {"split": Path(split).name, "split_dir": str(split_dir), "weights": str(file), "algo": config.algo,
                "inner_lr": config.inner_lr, "ways": config.ways, "shots": config.shots, "queries": config.queries,
                "seed": seed, "world_size": engine.world_size, "trained_steps": metadata.get("step", trained["steps"])}
     out_file = Path(out) if out else evaluation_file(file, result)
     if engine.is_main:
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        out_file.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(out_file, json.dumps(result, indent=1, sort_keys=True) + "\n")
     engine.print0(f"{result['split']} {config.ways}-way {config.shots}-shot, {config.algo} (beta={config.inner_lr:g}, "
                   f"{inner_steps} inner steps), {file}: {100 * result['accuracy']:.2f} ± {100 * result['ci95']:.2f}% "
                   f"over {result['episodes']} episodes -> {out_file}")
     return result
+
+
+def check_split_fits(split_dir: Path, shape, episodes: int) -> None:
+    """Enough classes in a class split for the requested ways/shots/queries, or enough episodes of that shape in a
+    directory of materialised episodes."""
+    from dist_signmaml.data import index_kind, read_episode_index, read_index
+    from dist_signmaml.data.episode_loader import usable_classes
+
+    try:
+        if index_kind(split_dir) == "classes":
+            usable_classes(read_index(split_dir), shape, split_dir)
+        else:
+            index = read_episode_index(split_dir)
+            if (index.ways, index.shots, index.queries) != (shape.ways, shape.shots, shape.queries):
+                raise EvaluationError(f"{split_dir} holds {index.ways}-way {index.shots}-shot {index.queries}-query "
+                                      f"episodes, not {shape.ways}-way {shape.shots}-shot {shape.queries}-query")
+            if episodes > index.episodes:
+                raise EvaluationError(f"--episodes={episodes}: {split_dir} holds only {index.episodes} episodes; "
+                                      f"materialise more with `python -m shards episodes --episodes`")
+    except ShardFormatError as error:
+        raise EvaluationError(str(error)) from None
+    except ValueError as error:
+        if isinstance(error, EvaluationError):
+            raise
+        raise EvaluationError(str(error)) from None
 
 
 def evaluation_file(weights: Path, result: dict) -> Path:
@@ -231,7 +190,8 @@ def main(path: str = "", **options) -> None:
       seed: seed of the fixed episodes (default 2021, shared by validation and test during training)
       batch: episodes per forward pass on each rank (default 4; does not change the numbers)
       task_parallel: auto | loop | vmap (default auto)
-      out: JSON file to write (default: next to the weights, eval_<split>_<algo>_<W>w<S>s_<steps>steps_<best|final>_<N>ep.json; never replacing another result)
+      out: JSON file to write (default: next to the weights,
+        eval_<split>_<algo>_<W>w<S>s_<steps>steps_<best|final>_<N>ep.json; never replacing another result)
     """
     if not path:
         print("error: give a run directory or a .safetensors file: python -m dist_signmaml.evaluate RUN_DIR", file=sys.stderr)
@@ -241,7 +201,7 @@ def main(path: str = "", **options) -> None:
         if unknown:
             raise EvaluationError(f"unknown option(s) {', '.join('--' + u for u in unknown)}")
         evaluate(str(path), **options)
-    except EvaluationError as error:
+    except (EvaluationError, WeightsFileError, ShardFormatError) as error:  # bad input; a bug keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from dist_signmaml.algorithms.inner import adapt as inner_adapt
 from dist_signmaml.algorithms.learner import BACKBONE_PREFIX, to_learner_names
-from dist_signmaml.data.episodes import Normalizer
+from dist_signmaml.data.episode_loader import Normalizer
 from dist_signmaml.models.norm import TaskBatchNorm2d
 
 NORMALIZATION = "normalization"  # export metadata key: {"mean": [...], "std": [...]} of the train split (train.py)
@@ -80,7 +80,7 @@ class Preprocessing:
         return np.stack([self._one(item, f"image {i}") for i, item in enumerate(images)])
 
     def __call__(self, images) -> torch.Tensor:
-        """Model input, float [n, C, H, W], with exactly the loader's arithmetic (data.episodes.Normalizer)."""
+        """Model input, float [n, C, H, W], with exactly the loader's arithmetic (data.episode_loader.Normalizer)."""
         return Normalizer(self.mean, self.std)(self.pixels(images))
 
     def _one(self, item, what: str) -> np.ndarray:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-MANIFEST_JSON = "manifest.json"
+from dist_signmaml.artifacts import MANIFEST_JSON
+
 PACKAGES = ("dist_signmaml", "torch", "torchvision", "accelerate", "deepspeed", "webdataset", "numpy")
 SCHEDULER_VARIABLES = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_NNODES", "SLURM_JOB_NODELIST", "SLURM_ARRAY_TASK_ID")
 SOURCE_ROOT = Path(__file__).resolve().parents[1]

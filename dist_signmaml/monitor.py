@@ -12,6 +12,8 @@ on the main process only):
     memory/peak_mib                                            peak memory, max over ranks (see peak_memory_mib)
     inner/support_grad_norm, inner/sign_agreement, inner/moved_fraction      algorithms.inner.inner_diagnostics
     lr/outer, lr/inner                                         Adam's alpha and the inner beta
+    data/bad_samples_skipped                                   with --on_bad_sample skip: skipped samples (rank 0; every rank reads the whole split)
+    train/nonfinite_steps_skipped                              with --on_nonfinite skip_step: updates not applied
     val/accuracy, val/ci95, test/accuracy, test/ci95           fixed-episode meta-test, mean and 95% half-width
     final/best_val_accuracy, final/test_accuracy, final/test_ci95, final/seconds_per_meta_iteration   at the last step
     TensorBoard only: text config; images episode/support, episode/query; hparams (run "final") with the final metrics
@@ -28,11 +30,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from dist_signmaml.algorithms.learner import to_learner_names
-from dist_signmaml.evaluate import BEST_WEIGHTS, EVALUATION_SEED, FINAL_WEIGHTS, meta_test
+from dist_signmaml.artifacts import (BEST_WEIGHTS, FINAL_WEIGHTS, RESULTS_JSON, RESULTS_MD, atomic_write_text,
+                                     load_learner_weights)
+from dist_signmaml.metatest import EVALUATION_SEED, meta_test
 
 PHASES = ("data_wait", "inner_loop", "outer_backward", "optimizer_step")
 # Shown by TensorBoard with the scalar (the card's description) for tags whose values look wrong but are not.
@@ -43,8 +45,6 @@ TAG_DESCRIPTIONS = {
         "1/ways (exactly 1/ways when the initialisation gives every query the same class). Above chance would "
         "mean labels leak across episodes. Learning shows in train/accuracy_after."),
 }
-RESULTS_JSON = "results.json"
-RESULTS_MD = "results.md"
 
 
 class PhaseTimer:
@@ -126,11 +126,13 @@ class TrainMonitor:
     step it sees, and drives the progress bar (main process only)."""
 
     def __init__(self, engine, *, log_every: int, last_step: int, first_step: int, meta_batch: int, inner_lr: float,
-                 optimizer):
+                 optimizer, stream=None):
         self.engine, self.every, self.last_step = engine, int(log_every), int(last_step)
         self.meta_batch, self.inner_lr, self.optimizer = int(meta_batch), float(inner_lr), optimizer
+        self.stream = stream  # counts the bad samples it skipped (--on_bad_sample skip)
         self.timer = PhaseTimer(engine.device)
         self.iteration_seconds = RunningStats()  # for the summary (the paper's Table 1 lower row)
+        self.nonfinite_skipped = 0
         self._window: list[dict[str, float]] = []
         self._first_step = int(first_step) + 1
         self.progress = tqdm(total=last_step, initial=first_step, disable=not engine.is_main, desc="meta-train",
@@ -143,8 +145,16 @@ class TrainMonitor:
         return step % self.every == 0 or step == self.last_step
 
     def record(self, step: int, episodes, output) -> None:
-        """Take the outcome of meta-step `step` (its timings come from the phases just timed)."""
+        """Take the outcome of meta-step `step` (its timings come from the phases just timed); output None: the
+        update was skipped as non-finite (--on_nonfinite skip_step)."""
         times = self.timer.lap()
+        if output is None:
+            self.nonfinite_skipped += 1
+            self.engine.print0(f"warning: step {step}: non-finite loss or meta-gradient, update skipped "
+                               f"({self.nonfinite_skipped} so far)")
+            self.engine.log({"train/nonfinite_steps_skipped": self.nonfinite_skipped}, step=step)
+            self.progress.update(1)
+            return
         if step == self._first_step:
             show_episode(self.engine, episodes, step)
         else:  # the first iteration of a process pays for lazy initialisation: not a representative timing
@@ -156,6 +166,9 @@ class TrainMonitor:
         self.progress.update(1)
         if self.should_log(step):
             self._log(step, output)
+            if self.stream is not None and self.stream.on_bad_sample == "skip":
+                # every rank walks the whole split and meets the same bad samples: rank 0's count is the run's
+                self.engine.log({"data/bad_samples_skipped": self.stream.bad_samples_skipped}, step=step)
 
     def _log(self, step: int, output) -> None:
         means = {key: sum(entry[key] for entry in self._window) / len(self._window) for key in self._window[0]}
@@ -205,12 +218,13 @@ def show_episode(engine, episodes, step: int) -> None:
         writer.add_image(f"episode/{name}", make_grid(ordered, nrow=per_class, normalize=True, pad_value=1.0), step)
 
 
-def log_config_text(engine, config_json: str) -> None:
-    """The resolved configuration on TensorBoard's text tab (indented: a code block in TensorBoard's Markdown).
+def log_config_text(engine, config_json: str, step: int = 0) -> None:
+    """The resolved configuration on TensorBoard's text tab (indented: a code block in TensorBoard's Markdown), at
+    the step a session starts from (a resume purges later steps, so each session's copy appears once).
     Written to TensorBoard only: the other trackers keep the configuration as the run's parameters."""
     writer = engine.tensorboard_writer()
     if writer is not None:
-        writer.add_text("config", "\n".join("    " + line for line in config_json.splitlines()), 0)
+        writer.add_text("config", "\n".join("    " + line for line in config_json.splitlines()), step)
 
 
 class Validator:
@@ -255,7 +269,7 @@ class Validator:
         self.engine.unwrap(learner).load_state_dict(self._best_weights)
         return self.best["step"]
 
-    def state_dict(self) -> dict:
+    def state_dict(self, step: int | None = None) -> dict:
         return {"history": self.history, "best": self.best}
 
     def load_state_dict(self, state: dict | None) -> None:
@@ -264,7 +278,7 @@ class Validator:
             return
         self.history, self.best = list(state.get("history", [])), state.get("best")
         if self.best is not None and self.best_path.is_file():
-            self._best_weights = to_learner_names(load_file(str(self.best_path)))
+            self._best_weights = load_learner_weights(self.best_path)
 
 
 def percent(result: dict) -> str:
@@ -294,8 +308,8 @@ def summarize_run(out_dir, config: dict, results: dict, monitor: TrainMonitor, w
                "peak_memory_mib": peak_memory_mib(monitor.engine.device)} | results
     if monitor.engine.is_main:
         out_dir = Path(out_dir)
-        (out_dir / RESULTS_JSON).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-        (out_dir / RESULTS_MD).write_text(results_markdown(summary))
+        atomic_write_text(out_dir / RESULTS_JSON, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(out_dir / RESULTS_MD, results_markdown(summary))
     return summary
 
 

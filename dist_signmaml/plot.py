@@ -27,7 +27,7 @@ try:
 except ModuleNotFoundError:  # an optional extra: plot() says how to install it
     matplotlib = plt = MaxNLocator = None
 
-from dist_signmaml.monitor import RESULTS_JSON  # noqa: E402
+from dist_signmaml.artifacts import RESULTS_JSON  # noqa: E402
 
 SWEEP_JSON = "sweep.json"
 NO_MATPLOTLIB = ("plotting needs matplotlib, which is not installed: the [plot] extra, pip install -e '.[plot]' in "

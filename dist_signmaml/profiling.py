@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function, tensorboard_trace_handler
 
-PROFILE_DIR = "profile"
+from dist_signmaml.artifacts import PROFILE_DIR
+
 STEP_LABEL = "meta_step#{step}"
 
 

@@ -35,13 +35,12 @@ from pathlib import Path
 import fire
 from tqdm import tqdm
 
-from dist_signmaml.algorithms.rules import ALGORITHMS
-from dist_signmaml.config import ConfigError, TrainConfig
-from dist_signmaml.monitor import RESULTS_JSON
+from dist_signmaml.artifacts import RESULTS_JSON, TRAIN_LOG
+from dist_signmaml.config import ALGORITHM_FACTS, PAPER_GRIDS, ConfigError, TrainConfig
 
-# Appendix A's search ranges; signum takes Sign-MAML's (both step by beta * sign(.)).
-PAPER_GRIDS = {"sign": (0.0035, 0.005, 0.0065, 0.0075, 0.01), "signum": (0.0035, 0.005, 0.0065, 0.0075, 0.01),
-               "fo": (0.06, 0.08, 0.1, 0.12, 0.14, 0.16), "maml": (0.06, 0.08, 0.1, 0.12, 0.14, 0.16)}
+ALGORITHMS = tuple(ALGORITHM_FACTS)
+
+__all__ = ["PAPER_GRIDS", "main", "plan", "sweep"]  # PAPER_GRIDS: Appendix A's ranges, from config's registry
 
 
 class SweepError(ValueError):
@@ -129,12 +128,14 @@ def run_sequentially(betas: list[float], algo: str, algo_dir: Path, launcher: st
     for position, beta in enumerate(tqdm(betas, desc=f"sweep {algo}", unit="run", dynamic_ncols=True)):
         run_dir = algo_dir / run_name(beta)
         run_dir.mkdir(parents=True, exist_ok=True)
-        log_file = run_dir / "train.log"
+        log_file = run_dir / TRAIN_LOG
         tqdm.write(f"sweep run {finished_before + position + 1} of {planned} planned so far: {algo} beta={beta:g}, "
                    f"log {log_file} (tail -f to follow)")
-        command = train_command(launcher, train_options, algo) + [f"--inner_lr={beta:g}", f"--out={run_dir}"]
+        # --resume: a run killed in an earlier sweep continues from its checkpoint (a fresh one starts at step 0)
+        command = train_command(launcher, train_options, algo) + [f"--inner_lr={beta:g}", f"--out={run_dir}",
+                                                                  "--resume"]
         started = time.monotonic()
-        with open(log_file, "w") as log:
+        with open(log_file, "a") as log:
             finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
         if finished.returncode != 0 or not (run_dir / RESULTS_JSON).is_file():
             raise SweepError(f"run {run_dir} failed (exit {finished.returncode}); see {log_file}")
@@ -157,7 +158,7 @@ def write_array_job(betas: list[float], algo: str, algo_dir: Path, launcher: str
               'BETA="${BETAS[$SLURM_ARRAY_TASK_ID]}"',
               f'RUN={shlex.quote(str(algo_dir.resolve()))}/"${{RUNS[$SLURM_ARRAY_TASK_ID]}}"',
               'mkdir -p "$RUN"',
-              shlex.join(train_command(launcher, train_options, algo)) + ' --inner_lr="$BETA" --out="$RUN"', ""]
+              shlex.join(train_command(launcher, train_options, algo)) + ' --inner_lr="$BETA" --out="$RUN" --resume', ""]
     script.write_text("\n".join(lines))
     return script
 
@@ -212,7 +213,7 @@ def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "",
     if grid and len(methods) > 1:
         raise SweepError("--grid applies to one method; give a single --algos with it, or use the paper's grids")
     grids = {algo: as_list(grid, "grid", float) if grid else list(PAPER_GRIDS[algo]) for algo in methods}
-    for algo, values in grids.items():
+    for values in grids.values():
         if not values or min(values) <= 0:
             raise SweepError(f"--grid={grid!r} is invalid: expected positive learning rates")
     if not isinstance(max_extensions, int) or max_extensions < 0:

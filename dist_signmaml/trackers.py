@@ -15,8 +15,9 @@ import importlib.util
 import os
 from pathlib import Path
 
+from dist_signmaml.artifacts import TENSORBOARD_DIR  # noqa: F401  (named once in artifacts)
+
 TRACKERS = ("tensorboard", "wandb", "mlflow")
-TENSORBOARD_DIR = "tb"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlflow-artifacts"
 INSTALL_HINT = "pip install 'dist_signmaml[trackers]'"

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dist_signmaml
-import dist_signmaml.data.episodes as episodes_module
+import dist_signmaml.data.episode_loader as episodes_module
 from dist_signmaml.config import TrainConfig
 from dist_signmaml.data import EpisodeShape, fixed_episodes, read_index
 from dist_signmaml.evaluate import EVALUATION_SEED, confidence_interval, evaluate

@@ -47,7 +47,7 @@ def test_imagefolder_round_trip_rgb_center_crop(tree, tmp_path):
     assert index.image_shape == (12, 12, 3)
     assert {n: c for n, (_, c) in index.classes.items()} == CLASSES
     stored = all_classes(split)
-    for name, count in CLASSES.items():
+    for name in CLASSES:
         files = sorted((tree / name).iterdir())
         expected = np.stack([imagefolder.prepare_image(str(f), 12, "center", "RGB") for f in files])
         np.testing.assert_array_equal(stored[name], expected)  # sorted file order, exact pixels
@@ -81,7 +81,7 @@ def test_native_size_mismatch_is_a_clear_error(tree, tmp_path):
 def test_build_is_byte_identical_across_runs_and_worker_counts(tree, tmp_path):
     # tiny shards: several shards, and the 7-image class is larger than a shard, so it is written as chunks
     a = imagefolder.build(tree, tmp_path / "a", image_size=12, shard_mb=0.002, workers=0, progress=False)
-    b = imagefolder.build(tree, tmp_path / "b", image_size=12, shard_mb=0.002, workers=2, progress=False)
+    imagefolder.build(tree, tmp_path / "b", image_size=12, shard_mb=0.002, workers=2, progress=False)
     assert len(a["all"]["shards"]) >= 4
     assert file_digests(tmp_path / "a" / "all") == file_digests(tmp_path / "b" / "all")
     index = read_index(tmp_path / "a" / "all")

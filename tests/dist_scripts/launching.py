@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from dist_signmaml.config import REPO_ROOT
+
 SCRIPTS = Path(__file__).resolve().parent
 LAUNCH = REPO_ROOT / "launch"
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]

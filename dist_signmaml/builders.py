@@ -1,0 +1,194 @@
+"""What a run is built from, shared by train, evaluate, bench and the tests: the learner of a config, the data checks,
+the training stream, the initial weights and the optimizer. No Accelerate here: the engine is passed in where a
+rank or the world size is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from dist_signmaml import optim
+from dist_signmaml.algorithms import MetaLearner, make_rule
+from dist_signmaml.algorithms.learner import resolve_task_parallel
+from dist_signmaml.config import DEFAULT_DATA, PAPER_META_BATCH, ConfigError, TrainConfig
+from dist_signmaml.data import EpisodeShape, EpisodeStream, read_index
+from dist_signmaml.data.episode_loader import usable_classes
+from dist_signmaml.data.storage import data_root as resolve_data_root
+from dist_signmaml.cpu_allocator import keep_freed_memory
+from dist_signmaml.models import adapted_parameter_names, build_backbone, load_weights, resolve_channels_last
+
+# Images beyond this side length are not few-shot benchmarks; the bound stops a corrupt index from sizing a model of
+# many gigabytes before anything else is read (conv4 at 2048 px is already ~1 GB of activations per task).
+MAX_IMAGE_SIDE = 2048
+
+
+def episode_shape(config: TrainConfig) -> EpisodeShape:
+    return EpisodeShape(config.ways, config.shots, config.queries)
+
+
+def is_option_error(error: ValueError) -> bool:
+    """Backbone constructors report a bad option or an image too small for the backbone with a ValueError whose
+    message names the flag (`--adapt=...`) or the image size; anything else raised while building is a bug."""
+    text = str(error)
+    return text.startswith("--") or "needs images of at least" in text or "needs at least" in text
+
+
+def build_learner(config: TrainConfig, image_shape, device) -> MetaLearner:
+    """The MetaLearner of `config` for images of `image_shape` (H, W, C). `evaluate` rebuilds trained weights
+    with this same function, so a meta-test runs exactly the trained model and inner loop."""
+    height, width, channels = check_image_shape(image_shape, "image_shape")
+    if str(device).split(":")[0] == "cpu":
+        keep_freed_memory()  # no page faults on every step's fresh graph (cpu_allocator)
+    channels_last, _ = resolve_channels_last(config.channels_last, device)
+    try:
+        model = build_backbone(config.backbone, in_channels=channels, ways=config.ways, hidden=config.hidden,
+                               image_size=height, stem=config.stem, precision=config.precision,
+                               channels_last=channels_last,
+                               activation_checkpointing=config.activation_checkpointing)
+        adapted_names = adapted_parameter_names(model, config.adapt)
+    except ValueError as error:
+        if not is_option_error(error):
+            raise  # a bug, not bad input: keep its traceback
+        raise ConfigError(str(error)) from error
+    # Checkpointing works only outside torch.func transforms, i.e. in the task loop: 'auto' picks it then.
+    task_parallel = resolve_task_parallel("loop" if config.activation_checkpointing and config.task_parallel == "auto"
+                                          else config.task_parallel, device)
+    learner = MetaLearner(model, make_rule(config.algo, config.inner_momentum), config.inner_lr, config.inner_steps,
+                          task_parallel, adapted_names=adapted_names, learn_inner_lr=config.learn_inner_lr,
+                          multi_step_loss=config.multi_step_loss)
+    return learner.compile_tasks(config.compile_backend) if config.compile else learner
+
+
+def build_optimizer(config: TrainConfig, learner) -> torch.optim.Optimizer:
+    """Adam at alpha on the meta-initialisation (the outer update), and at --inner_lr_lr on learned step sizes."""
+    return optim.build_optimizer(learner, config.outer_lr, config.inner_lr_lr)
+
+
+def local_meta_step(learner, optimizer, episodes) -> object:
+    """One meta-update on one device (benchmarks and tests); the engine's meta_step is the distributed one."""
+    output = learner(*episodes)
+    output.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return output
+
+
+def resolved_width(learner) -> int | None:
+    """The width the backbone was built with (--hidden 0 picks one from the image size): its first convolution's."""
+    return next((m.out_channels for m in learner.model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+
+def check_image_shape(image_shape, where: str) -> tuple[int, int, int]:
+    """(H, W, C) with C in {1, 3} and sides in [1, MAX_IMAGE_SIDE]: checked before it sizes a model."""
+    shape = tuple(image_shape) if isinstance(image_shape, (list, tuple)) else ()
+    if (len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape)
+            or not (1 <= shape[0] <= MAX_IMAGE_SIDE and 1 <= shape[1] <= MAX_IMAGE_SIDE) or shape[2] not in (1, 3)):
+        raise ConfigError(f"{where}: image_shape {list(image_shape) if isinstance(image_shape, (list, tuple)) else image_shape!r} "
+                          f"is invalid: expected [H, W, C] with 1 <= H, W <= {MAX_IMAGE_SIDE} and C 1 or 3")
+    return shape
+
+
+def check_statistics(index, where: str) -> None:
+    """The normalisation statistics: one finite mean and one finite std > 0 per channel (a zero or NaN std makes
+    every image NaN, and the run would train on NaN)."""
+    channels = index.image_shape[2]
+    if len(index.mean) != channels or len(index.std) != channels:
+        raise ConfigError(f"{where}: mean and std need {channels} values (one per channel), got {len(index.mean)} "
+                          f"and {len(index.std)}")
+    if not all(math.isfinite(v) for v in index.mean) or not all(math.isfinite(v) and v > 0 for v in index.std):
+        raise ConfigError(f"{where}: statistics must be finite with std > 0, got mean={list(index.mean)} "
+                          f"std={list(index.std)}")
+
+
+def build_bundled_data(config: TrainConfig, engine) -> None:
+    """The bundled Omniglot shards are built on first use (main process first, the others wait)."""
+    root = Path(config.data)
+    if os.path.realpath(root) != os.path.realpath(DEFAULT_DATA):  # realpath: a broken default link is no error here
+        return
+    with engine.main_process_first():
+        if engine.is_main and not all((root / s / "index.json").is_file() for s in ("train", "val", "test")):
+            from shards import omniglot
+
+            engine.print0(f"building the bundled Omniglot shards in {root} (once)")
+            omniglot.build(root, progress=True)
+
+
+def check_data(config: TrainConfig) -> Path:
+    """Every split the run reads: a readable index, sane image shape and statistics, and enough classes with
+    shots+queries images for `--ways`. Returns the shard root: a local Path, or a storage.Url for object storage
+    (s3://, gs://, https://)."""
+    try:
+        root = resolve_data_root(config.data)
+    except ValueError as error:  # e.g. a pipe: or unknown scheme: the message names --data
+        raise ConfigError(str(error)) from None
+    shape = episode_shape(config)
+    for split in ("train",) + (("val",) if config.eval_episodes else ()) + (("test",) if config.test_episodes else ()):
+        try:
+            index = read_index(root / split)
+        except FileNotFoundError as error:
+            raise ConfigError(f"--data={config.data!r}: {error}") from None
+        where = f"{root / split / 'index.json'}"
+        check_image_shape(index.image_shape, where)
+        check_statistics(index, where)
+        try:
+            usable_classes(index, shape, root / split)
+        except ValueError as error:  # too few classes for --ways: the message names the flag
+            raise ConfigError(str(error)) from None
+    return root
+
+
+def train_stream(config: TrainConfig, data_root: Path, engine, start_batch: int = 0) -> EpisodeStream:
+    """This rank's share of the training episodes, from meta-step `start_batch` on (resumable: see its state_dict)."""
+    try:
+        return EpisodeStream(data_root / "train", episode_shape(config), engine.tasks_per_rank(config.meta_batch),
+                             seed=config.seed, rank=engine.rank, world_size=engine.world_size,
+                             num_workers=config.workers, start_batch=start_batch, window_shards=config.window_shards,
+                             class_sampling=config.class_sampling, on_bad_sample=config.on_bad_sample,
+                             cache_dir=config.cache_dir or None, cache_gb=config.cache_gb)
+    except ValueError as error:
+        if not str(error).startswith("--") and "shards but" not in str(error):
+            raise
+        raise ConfigError(str(error)) from None  # e.g. too few shards for the ranks x workers
+
+
+def load_initial_weights(learner, path: str) -> list[str]:
+    """--weights: a local state dict loaded into the backbone before prepare (so every rank starts from it). Returns
+    the tensors left at their initialisation (a head of another shape). Any unreadable file is a ConfigError."""
+    try:
+        return load_weights(learner.model, path)
+    except ValueError as error:  # missing, unknown or mis-shaped tensors: the message names --weights
+        raise ConfigError(str(error) if str(error).startswith("--weights") else f"--weights={path!r}: {error}") from None
+    except Exception as error:  # torch.load / safetensors raise many types for bytes that are not a state dict
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ConfigError(f"--weights={path!r} is not a readable state dict (.safetensors, or a torch file of "
+                          f"tensors): {first_line}") from None
+
+
+# ---- values that depend on the launch -----------------------------------------------------------------------------
+
+def default_meta_batch(world_size: int) -> int:
+    """The paper's P = 4 tasks, rounded up to a multiple of the processes (8 processes -> 8 tasks, one per rank)."""
+    return world_size * math.ceil(PAPER_META_BATCH / world_size)
+
+
+def default_torch_threads(local_processes: int) -> int:
+    """Intra-op threads per process: the cores this process may run on, shared by the processes of this node.
+    torch's own default counts every core of the machine for each process, which oversubscribes a shared or
+    pinned (taskset, SLURM cgroup) set of cores."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_processes))
+
+
+def set_torch_threads() -> tuple[int, str]:
+    """Apply default_torch_threads unless the user chose (OMP_NUM_THREADS); returns (threads, why)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = default_torch_threads(local)
+    torch.set_num_threads(threads)
+    return threads, f"{len(os.sched_getaffinity(0))} usable cores / {local} local process(es)"

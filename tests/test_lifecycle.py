@@ -1,0 +1,256 @@
+"""The run lifecycle in one process (docs/run_lifecycle.md): one run per directory, the lock, atomic verified
+checkpoints with fallback, resume that checks its config, bad --out values, the non-finite guard, config.json's
+resolved values and one TensorBoard run per directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dist_signmaml.artifacts import LOCK_FILE, TRAIN_STATE
+from dist_signmaml.checkpointer import RunLock, completed_checkpoints
+from dist_signmaml.config import ConfigError, TrainConfig
+from dist_signmaml.train import main, train
+from tests.helpers import cli_error, event_steps, tiny_options
+
+pytestmark = pytest.mark.integration
+
+
+def run(tmp_path, data, **overrides) -> dict:
+    return train(TrainConfig.from_options(**tiny_options(tmp_path, data, **overrides)))
+
+
+def checkpoint_names(out) -> list[str]:
+    return [p.name for p in completed_checkpoints(out)]
+
+
+# ---- issue 12 item 1: one run per directory ------------------------------------------------------------------
+
+def test_a_fresh_run_refuses_another_runs_directory_and_overwrite_replaces_it(tmp_path, tiny_data, capsys):
+    run(tmp_path, tiny_data, steps=4, ckpt_every=2)
+    before = load_file(tmp_path / "run" / "model.safetensors")
+    code, err = cli_error(capsys, main, **tiny_options(tmp_path, tiny_data, steps=3, seed=9))
+    assert code == 2
+    assert err == (f"error: --out={str(tmp_path / 'run')!r} holds another run (checkpoints of steps 2, 4, "
+                   f"model.safetensors, results.json): continue it with --resume, replace it with --overwrite, or "
+                   f"choose another --out"), err
+    assert checkpoint_names(tmp_path / "run") == ["step_00000002", "step_00000004"], "the other run was touched"
+    after = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    run(tmp_path, tiny_data, steps=3, ckpt_every=2, seed=9, overwrite=True)
+    assert checkpoint_names(tmp_path / "run") == ["step_00000002", "step_00000003"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 9
+    assert "--overwrite: removed the earlier run's" in capsys.readouterr().out
+
+
+def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_replaced(tmp_path, tiny_data, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        lock = RunLock(out)
+        (out / LOCK_FILE).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "started": "now",
+                                                 "process_start": None, "slurm_job": ""}))
+        code, err = cli_error(capsys, main, **tiny_options(tmp_path, tiny_data))
+        assert code == 2 and f"is in use by another run (PID {sleeper.pid} on host {socket.gethostname()}" in err, err
+        assert not (out / "checkpoints").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert lock.stale_reason(json.loads((out / LOCK_FILE).read_text())) == f"process {sleeper.pid} is gone"
+    run(tmp_path, tiny_data)
+    assert f"removed a stale lock {out / LOCK_FILE} (process {sleeper.pid} is gone)" in capsys.readouterr().err
+    assert not (out / LOCK_FILE).exists(), "a finished run releases its lock"
+
+
+def test_a_lock_left_by_an_earlier_run_of_the_same_slurm_job_is_stale(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    lock = RunLock(tmp_path)
+    assert lock.stale_reason({"pid": 1, "host": "another-node", "slurm_job": "4242"}) is not None
+    assert lock.stale_reason({"pid": 1, "host": "another-node", "slurm_job": "17"}) is None
+    assert lock.stale_reason({"pid": os.getpid(), "host": socket.gethostname()}) is None
+
+
+# ---- issue 12 items 2, 3: atomic checkpoints, verification and fallback -----------------------------------------
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_good_one(tmp_path, tiny_data, capsys):
+    """A 0-byte marker (full disk), a truncated model file and a folder left with one rank's RNG file: resume warns
+    about each and continues from the good checkpoint, ending with the uninterrupted run's weights."""
+    run(tmp_path / "straight", tiny_data, steps=6, ckpt_every=2, keep_checkpoints=5)
+    run(tmp_path, tiny_data, steps=6, ckpt_every=2, keep_checkpoints=5)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "step_00000006" / TRAIN_STATE).write_bytes(b"")
+    model = checkpoints / "step_00000004" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    (checkpoints / "step_00000005").mkdir()
+    (checkpoints / "step_00000005" / "random_states_1.pkl").write_bytes(b"half")
+    capsys.readouterr()
+
+    run(tmp_path, tiny_data, steps=6, ckpt_every=2, keep_checkpoints=5, resume=True)
+    captured = capsys.readouterr()
+    assert f"warning: removing the half-written checkpoint {checkpoints / 'step_00000005'}" in captured.err
+    assert f"warning: checkpoint {checkpoints / 'step_00000006'} is damaged ({TRAIN_STATE} is unreadable" in captured.err
+    assert (f"warning: checkpoint {checkpoints / 'step_00000004'} is damaged (model.safetensors has 100 bytes, the "
+            f"marker says") in captured.err
+    assert f"--resume: continuing from {checkpoints / 'step_00000002'}" in captured.out
+    assert "resumed from step 2" in captured.out
+    a, b = load_file(tmp_path / "straight" / "run" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    marker = json.loads((checkpoints / "step_00000006" / TRAIN_STATE).read_text())
+    assert set(marker["files"]) >= {"model.safetensors", "optimizer.bin", "random_states_0.pkl"}
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")], "temporary folders are renamed or removed"
+
+
+# ---- issue 12 items 4, 5: resume checks its config and says what it did ----------------------------------------
+
+def test_resume_refuses_options_that_change_the_model_or_algorithm(tmp_path, tiny_data, capsys):
+    run(tmp_path, tiny_data, steps=2)
+    code, err = cli_error(capsys, main, **tiny_options(tmp_path, tiny_data, steps=4, resume=True, algo="fo",
+                                                       hidden=8))
+    assert code == 2
+    assert err.startswith(f"error: --resume: {tmp_path / 'run' / 'checkpoints' / 'step_00000002'} was trained with "
+                          f"other options (--algo: 'sign' -> 'fo'; --inner_lr: 0.005 -> 0.1; --hidden: 16 -> 8); "), err
+    summary = run(tmp_path, tiny_data, steps=4, resume=True, log_every=2, workers=0)  # steps and cadence may change
+    assert summary["steps"] == 4 and summary["config"]["algo"] == "sign"
+
+
+def test_resume_says_when_there_is_nothing_to_resume_and_must_makes_it_an_error(tmp_path, tiny_data, capsys):
+    code, err = cli_error(capsys, main, **tiny_options(tmp_path, tiny_data, resume="must"))
+    assert code == 2 and err == (f"error: --resume must: {tmp_path / 'run'} holds no complete checkpoint to resume "
+                                 f"from (wrong --out?)"), err
+    run(tmp_path, tiny_data, resume=True)
+    assert f"--resume: {tmp_path / 'run'} holds no checkpoint yet; starting from step 0" in capsys.readouterr().out
+
+
+# ---- issue 12 item 6: bad --out values --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("out,fragment", [
+    ("", "error: --out='' is invalid: expected a run directory path"),
+    ("FILE", "is a file: expected a run directory (created if missing)"),
+    ("/proc/x", "error: --out='/proc/x': cannot create the run directory ("),
+])
+def test_bad_out_values_are_one_line_errors_before_any_work(tmp_path, tiny_data, capsys, out, fragment):
+    if out == "FILE":
+        out = str(tmp_path / "a_file")
+        (tmp_path / "a_file").write_text("not a directory")
+    code, err = cli_error(capsys, main, **(tiny_options(tmp_path, tiny_data) | {"out": out}))
+    assert code == 2 and fragment in err, err
+    assert not (tmp_path / "checkpoints").exists() and not os.path.exists("checkpoints")
+
+
+# ---- issue 12 item 8: numbers that stop being numbers -----------------------------------------------------------
+
+def poison_loss_at(monkeypatch, bad_calls: set[int]):
+    """Make the training forward return a NaN loss on the given calls (1-based), as an overflow would."""
+    from dist_signmaml.algorithms import MetaLearner
+
+    forward, calls = MetaLearner.forward, [0]
+
+    def poisoned(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        if self.training:
+            calls[0] += 1
+            if calls[0] in bad_calls:
+                output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(MetaLearner, "forward", poisoned)
+
+
+def test_a_non_finite_loss_stops_at_that_step_keeping_the_last_good_checkpoint(tmp_path, tiny_data, capsys,
+                                                                              monkeypatch):
+    poison_loss_at(monkeypatch, {5})
+    code, err = cli_error(capsys, main, **tiny_options(tmp_path, tiny_data, steps=8, ckpt_every=2))
+    assert code == 1
+    assert err.startswith("error: step 5: the meta-loss is not finite on rank 0 (loss=nan); the update was not "
+                          "applied and the run stops, keeping the newest checkpoint"), err
+    assert checkpoint_names(tmp_path / "run") == ["step_00000002", "step_00000004"]
+    weights = load_file(tmp_path / "run" / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+    assert not (tmp_path / "run" / "model.safetensors").exists(), "no export of a stopped run"
+
+
+def test_skip_step_skips_non_finite_updates_and_counts_them(tmp_path, tiny_data, monkeypatch):
+    poison_loss_at(monkeypatch, {2, 3})
+    run(tmp_path, tiny_data, steps=4, on_nonfinite="skip_step")
+    assert event_steps(tmp_path / "run" / "tb", "train/nonfinite_steps_skipped") == [(2, 1.0), (3, 2.0)]
+    weights = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+
+
+@pytest.mark.parametrize("flag,value", [("outer_lr", 1e400), ("inner_lr", float("nan")), ("inner_lr", 1e30)])
+def test_non_finite_or_overflowing_learning_rates_are_refused(flag, value):
+    with pytest.raises(ConfigError, match=rf"--{flag}=.* is invalid: expected a finite positive number below 1e6"):
+        TrainConfig.from_options(**{flag: value})
+
+
+@pytest.mark.parametrize("mean,std,fragment", [
+    ([0.5], [0.0], "statistics must be finite with std > 0"),
+    ([float("nan")], [0.3], "statistics must be finite with std > 0"),
+    ([0.5, 0.5], [0.3, 0.3], "mean and std need 1 values (one per channel), got 2 and 2"),
+])
+def test_index_statistics_must_be_finite_with_positive_std(tmp_path, tiny_data, capsys, mean, std, fragment):
+    index_file = tiny_data / "train" / "index.json"
+    original = index_file.read_text()
+    try:
+        index_file.write_text(json.dumps(json.loads(original) | {"mean": mean, "std": std}))
+        code, err = cli_error(capsys, main, **tiny_options(tmp_path, tiny_data))
+    finally:
+        index_file.write_text(original)
+    assert code == 2 and err.startswith(f"error: {index_file}: ") and fragment in err, err
+
+
+def test_evaluate_warns_about_non_finite_weights(tmp_path, tiny_data, capsys):
+    from dist_signmaml.evaluate import evaluate
+
+    run(tmp_path, tiny_data)
+    file = tmp_path / "run" / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(file)
+    tensors["head.bias"] = torch.full_like(tensors["head.bias"], math.nan)
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
+    evaluate(str(tmp_path / "nan.safetensors"), episodes=2, inner_steps=1, data=str(tiny_data), split="train")
+    assert "holds non-finite weights (head.bias): its accuracy is meaningless" in capsys.readouterr().out
+
+
+# ---- issue 16: config.json and TensorBoard ---------------------------------------------------------------------
+
+def test_config_json_records_resolved_values_beside_the_given_ones(tmp_path, tiny_data):
+    options = tiny_options(tmp_path, tiny_data) | {"hidden": 0, "meta_batch": 0, "inner_lr": 0}
+    train(TrainConfig.from_options(**options))
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["meta_batch"] == 4 and recorded["inner_lr"] == 0.005  # what ran
+    assert recorded["given"]["meta_batch"] == 0 and recorded["given"]["inner_lr"] == 0 and recorded["given"]["hidden"] == 0
+    assert recorded["resolved"]["hidden"] == 64 and recorded["resolved"]["world_size"] == 1
+    assert recorded["resolved"]["task_parallel"] == "loop" and recorded["resolved"]["torch_threads"] >= 1
+
+
+def test_one_tensorboard_run_without_duplicate_steps_after_a_resume(tmp_path, tiny_data):
+    """A run that logged steps 1-6 but whose newest checkpoint is step 3 (it was killed after step 6's logging)
+    resumes from 3; TensorBoard then shows each step once, in one run directory (plus `final`, the hparams)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, tiny_data, steps=6, ckpt_every=3)
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000006")
+    run(tmp_path, tiny_data, steps=6, ckpt_every=3, resume=True)
+    tb = tmp_path / "run" / "tb"
+    assert sorted(p.name for p in tb.iterdir() if p.is_dir()) == ["final"], list(tb.iterdir())
+    events = EventAccumulator(str(tb), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == [1, 2, 3, 4, 5, 6], steps
+    assert [e.step for e in events.Tensors("config/text_summary")] == [0, 3]  # one copy per session
