@@ -329,8 +329,15 @@ class Engine:
             if tracker.name != "tensorboard":
                 tracker.store_init_configuration(flat)
 
-    def log(self, values: dict, step: int):
-        self.accelerator.log(values, step=step)
+    def log(self, values: dict, step: int, *, except_tensorboard: bool = False):
+        """Scalars to every tracker (main process only, as Accelerate does). `except_tensorboard`: to the others
+        only, for values the caller writes to TensorBoard itself (with a description on their card)."""
+        if not except_tensorboard:
+            self.accelerator.log(values, step=step)
+        elif self.is_main:
+            for tracker in self.accelerator.trackers:
+                if tracker.name != "tensorboard":
+                    tracker.log(values, step=step)
 
     def tensorboard_writer(self):
         """The SummaryWriter behind the TensorBoard tracker (for text and images); None off the main process or

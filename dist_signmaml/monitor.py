@@ -177,7 +177,9 @@ class TrainMonitor:
             means["train/accuracy_before"] = float(output.accuracy_before)
         means |= step_size_scalars(output.step_sizes or {})
         means = self.engine.mean_over_ranks(means)
-        log_described(self.engine, {tag: means.pop(tag) for tag in TAG_DESCRIPTIONS if tag in means}, step)
+        described = {tag: means.pop(tag) for tag in TAG_DESCRIPTIONS if tag in means}
+        log_described(self.engine, described, step)  # TensorBoard, with the description on the card
+        self.engine.log(described, step=step, except_tensorboard=True)  # the same tags in every other tracker
         peak = self.engine.gather(torch.tensor([peak_memory_mib(self.engine.device)], device=self.engine.device))
         self.engine.log(means | {"train/tasks_per_second": self.meta_batch / max(means["train/step_seconds"], 1e-12),
                                  "memory/peak_mib": float(peak.max()),

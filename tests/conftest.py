@@ -70,6 +70,7 @@ MODULE_TIERS = {
     "test_shards_build": "integration", "test_reproduce": "integration", "test_config_files": "integration",
     "test_predict": "integration", "test_profiling": "integration", "test_rough_edges": "integration",
     "test_trackers": "integration", "test_bench": "integration", "test_layout": "unit",
+    "test_data_hostile": "integration", "test_data_remote": "integration",
     "test_deepspeed": "system", "test_multinode": "system", "test_slurm": "system",
 }
 
