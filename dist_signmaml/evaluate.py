@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import sys
@@ -23,6 +22,7 @@ from dist_signmaml.builders import build_learner, check_image_shape, episode_sha
 from dist_signmaml.config import ConfigError, TrainConfig
 from dist_signmaml.data.format import ShardFormatError
 from dist_signmaml.engine import Engine
+from dist_signmaml.cli import path_and_options_signature, refuse_unknown_flags
 from dist_signmaml.metatest import EVALUATION_SEED, confidence_interval, duration, meta_test
 
 __all__ = ["EVALUATION_SEED", "confidence_interval", "duration", "evaluate", "main", "meta_test", "weights_file"]
@@ -206,22 +206,9 @@ def main(path: str = "", **options) -> None:
         sys.exit(2)
 
 
-def check_flags(argv: list[str]) -> None:
-    """Reject unknown --flags before fire runs anything (fire would evaluate first and complain afterwards)."""
-    known = {"path", "help"} | set(evaluate.__kwdefaults__)
-    unknown = sorted({token[2:].split("=")[0].replace("-", "_") for token in argv if token.startswith("--")
-                      and len(token) > 2} - known)
-    if unknown:
-        print(f"error: unknown option(s) {', '.join('--' + u for u in unknown)}; known: "
-              f"{', '.join('--' + k for k in sorted(known - {'help'}))}", file=sys.stderr)
-        sys.exit(2)
-
-
 # `--help` lists evaluate's options with their defaults.
-main.__signature__ = inspect.Signature(
-    [inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="")]
-    + [p for p in inspect.signature(evaluate).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY])
+main.__signature__ = path_and_options_signature(evaluate)
 
 if __name__ == "__main__":
-    check_flags(sys.argv[1:])
+    refuse_unknown_flags(sys.argv[1:], evaluate)
     fire.Fire(main)

@@ -12,12 +12,12 @@ does. The CSV has one row per query image: file, predicted class, probability. D
 from __future__ import annotations
 
 import csv
-import inspect
 import sys
 from pathlib import Path
 
 import fire
 
+from dist_signmaml.cli import path_and_options_signature, refuse_unknown_flags
 from dist_signmaml.inference import BATCHNORM_MODES, CROPS, InferenceError
 from shards.imagefolder import IMAGE_EXTENSIONS
 
@@ -144,21 +144,9 @@ def main(path: str = "", **options) -> None:
         sys.exit(2)
 
 
-def check_flags(argv: list[str]) -> None:
-    """Reject unknown --flags before fire runs anything."""
-    known = {"path", "help"} | set(predict.__kwdefaults__)
-    unknown = sorted({token[2:].split("=")[0].replace("-", "_") for token in argv if token.startswith("--")
-                      and len(token) > 2} - known)
-    if unknown:
-        print(f"error: unknown option(s) {', '.join('--' + u for u in unknown)}; known: "
-              f"{', '.join('--' + k for k in sorted(known - {'help'}))}", file=sys.stderr)
-        sys.exit(2)
-
-
-main.__signature__ = inspect.Signature(
-    [inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="")]
-    + [p for p in inspect.signature(predict).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY])
+# `--help` lists predict's options with their defaults.
+main.__signature__ = path_and_options_signature(predict)
 
 if __name__ == "__main__":
-    check_flags(sys.argv[1:])
+    refuse_unknown_flags(sys.argv[1:], predict)
     fire.Fire(main)

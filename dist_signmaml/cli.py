@@ -1,0 +1,25 @@
+"""Pieces shared by the command lines that take `PATH --option ...` (evaluate, predict), built on fire."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+
+def refuse_unknown_flags(argv: list[str], function) -> None:
+    """Exit 2 with one line on a --flag that `function` (keyword-only options) does not take, before fire runs
+    anything: fire would run the command first and complain about the flag afterwards."""
+    known = {"path", "help"} | set(function.__kwdefaults__)
+    unknown = sorted({token[2:].split("=")[0].replace("-", "_") for token in argv if token.startswith("--")
+                      and len(token) > 2} - known)
+    if unknown:
+        print(f"error: unknown option(s) {', '.join('--' + u for u in unknown)}; known: "
+              f"{', '.join('--' + k for k in sorted(known - {'help'}))}", file=sys.stderr)
+        sys.exit(2)
+
+
+def path_and_options_signature(function) -> inspect.Signature:
+    """`main(path, **options)`'s signature for `--help`: the path, then `function`'s options with their defaults."""
+    return inspect.Signature(
+        [inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="")]
+        + [p for p in inspect.signature(function).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY])
