@@ -14,6 +14,7 @@ import torch
 from dist_signmaml import optim
 from dist_signmaml.algorithms import MetaLearner, make_rule
 from dist_signmaml.algorithms.learner import resolve_task_parallel
+from dist_signmaml.artifacts import WeightsFileError
 from dist_signmaml.config import DEFAULT_DATA, PAPER_META_BATCH, ConfigError, TrainConfig
 from dist_signmaml.data import EpisodeShape, EpisodeStream, read_index
 from dist_signmaml.data.episode_loader import usable_classes
@@ -155,6 +156,29 @@ def train_stream(config: TrainConfig, data_root: Path, engine, start_batch: int 
         if not str(error).startswith("--") and "shards but" not in str(error):
             raise
         raise ConfigError(str(error)) from None  # e.g. too few shards for the ranks x workers
+
+
+def check_weights_fit(config: TrainConfig, image_shape, file: str | Path) -> None:
+    """Refuse an export whose stored config would build another learner than its tensors describe, BEFORE anything is
+    allocated: the learner is built on the meta device (no memory) and its tensor shapes are compared with the
+    file's header. A hostile or mismatched `hidden`/`image_shape` in the metadata would otherwise size a model of
+    many GB first and fail afterwards."""
+    from safetensors import safe_open
+
+    from dist_signmaml.algorithms.learner import to_learner_names
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in build_learner(config, image_shape, "meta").state_dict().items()}
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            stored = to_learner_names({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+    except Exception as error:  # safetensors' own error types for bytes that are not safetensors
+        raise WeightsFileError(f"{str(file)!r} is not a readable safetensors file ({error})") from None
+    differences = [f"{name}: file {stored.get(name)}, config {expected.get(name)}"
+                   for name in sorted(set(expected) | set(stored)) if stored.get(name) != expected.get(name)]
+    if differences:
+        raise WeightsFileError(f"{file}: its metadata (config, image_shape) does not describe its tensors "
+                               f"({len(differences)} differ, e.g. {'; '.join(differences[:3])})")
 
 
 def load_initial_weights(learner, path: str) -> list[str]:

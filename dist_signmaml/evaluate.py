@@ -18,7 +18,7 @@ from dist_signmaml.algorithms.rules import ALGORITHMS
 from dist_signmaml.artifacts import (BEST_WEIGHTS, FINAL_WEIGHTS, WeightsFileError, atomic_write_text,
                                      export_names, load_learner_weights, non_finite_tensors,
                                      read_metadata)
-from dist_signmaml.builders import build_learner, check_image_shape, episode_shape
+from dist_signmaml.builders import build_learner, check_image_shape, check_weights_fit, episode_shape
 from dist_signmaml.config import ConfigError, TrainConfig
 from dist_signmaml.data.format import ShardFormatError
 from dist_signmaml.engine import Engine
@@ -93,7 +93,8 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
     engine = Engine(Path(out).parent if out else file.parent, config.seed, log_with=None)
     image_shape = metadata.get("image_shape") or _image_shape(split_dir)
     try:
-        learner = build_learner(config, check_image_shape(image_shape, f"{file} metadata"), engine.device)
+        check_weights_fit(config, check_image_shape(image_shape, f"{file} metadata"), file)
+        learner = build_learner(config, image_shape, engine.device)
     except ConfigError as error:
         raise EvaluationError(f"{file}: {error}") from None
     state = load_learner_weights(file)

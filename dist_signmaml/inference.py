@@ -160,7 +160,8 @@ def load(path: str | Path, *, weights: str = "best", device: str | torch.device 
     """
     from dist_signmaml.config import ConfigError, TrainConfig
     from dist_signmaml.evaluate import read_metadata, weights_file
-    from dist_signmaml.train import build_learner
+    from dist_signmaml.artifacts import WeightsFileError
+    from dist_signmaml.builders import build_learner, check_weights_fit
 
     try:
         file = weights_file(path, weights)
@@ -179,8 +180,9 @@ def load(path: str | Path, *, weights: str = "best", device: str | torch.device 
     image_shape = tuple(int(v) for v in metadata["image_shape"])
     mean, std = resolve_normalization(file, metadata, normalization, image_shape)
     try:
+        check_weights_fit(config, image_shape, file)
         learner = build_learner(config, image_shape, device)
-    except ConfigError as error:
+    except (ConfigError, WeightsFileError) as error:
         raise InferenceError(f"{file}: {error}") from None
     load_export(learner, file)
     learner.to(device).eval()
