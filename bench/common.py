@@ -110,7 +110,7 @@ def bench_learner(image_shape, device, **options):
     try:
         from dist_signmaml.builders import build_learner
     except ImportError:  # before the builders module exists
-        from dist_signmaml.train import build_learner
+        from dist_signmaml.builders import build_learner
     from dist_signmaml.config import TrainConfig
     from dist_signmaml.optim import build_optimizer
 

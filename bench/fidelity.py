@@ -28,11 +28,11 @@ from pathlib import Path
 
 import fire
 
+from dist_signmaml.config import REPO_ROOT
 from bench.protocol import PROTOCOL_JSON, score_run
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR
-from dist_signmaml.monitor import RESULTS_JSON
+from dist_signmaml.artifacts import RESULTS_JSON
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "bench" / "results" / "fidelity"
 STEPS = {"5w1s": 6000, "20w1s": 6000}  # full-run budgets (meta-steps) per setting
 GRID_FRACTION = 0.25  # each beta-grid run lasts this share of the full run (sign learns fastest early)

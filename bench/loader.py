@@ -65,7 +65,7 @@ def loader_rate(split, shape: EpisodeShape, workers: int, batches: int, warmup: 
 def trainer_rate(split: Path, shape: EpisodeShape, steps: int, device: torch.device) -> float:
     """Episodes per second the trainer consumes: conv4 Sign-MAML meta-steps built exactly as train.py builds them
     (on a GPU its tasks run vmapped, as train.py's --task_parallel auto does)."""
-    from dist_signmaml.train import build_learner
+    from dist_signmaml.builders import build_learner
 
     config = TrainConfig.from_options(ways=shape.ways, shots=shape.shots, queries=shape.queries, algo="sign",
                                       backbone="conv4", meta_batch=TASKS_PER_BATCH, data=str(split.parent))

@@ -20,10 +20,11 @@ from pathlib import Path
 import fire
 import torch
 
-from dist_signmaml.algorithms.learner import to_learner_names
 from dist_signmaml.config import TrainConfig
 from dist_signmaml.data import EpisodeShape, fixed_episodes
-from dist_signmaml.evaluate import EVALUATION_SEED, confidence_interval, read_metadata, weights_file
+from dist_signmaml.artifacts import load_learner_weights, read_metadata
+from dist_signmaml.evaluate import weights_file
+from dist_signmaml.metatest import EVALUATION_SEED, confidence_interval
 
 PROTOCOL_JSON = "protocol.json"
 TEST_STEPS = (1, 2, 3, 5, 10, 20)  # inner-step counts a protocol may choose from
@@ -33,15 +34,13 @@ PAPER_CELL = (10, 1.0)  # the paper's test protocol: 10 inner steps at the train
 
 def load_learner(run_dir: Path, weights: str = "best"):
     """The run's MetaLearner with its exported weights (and learned step sizes), on the CPU."""
-    from dist_signmaml.train import build_learner
+    from dist_signmaml.builders import build_learner
 
     file = weights_file(run_dir, weights)
     metadata = read_metadata(file)
     config = TrainConfig.from_options(**metadata["config"])
     learner = build_learner(config, metadata["image_shape"], torch.device("cpu"))
-    from safetensors.torch import load_file
-
-    learner.load_state_dict(to_learner_names(load_file(str(file))))
+    learner.load_state_dict(load_learner_weights(file))
     return learner.eval(), config, metadata
 
 

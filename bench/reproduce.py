@@ -51,8 +51,8 @@ from pathlib import Path
 import fire
 
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR, ConfigError, TrainConfig
-from dist_signmaml.evaluate import EVALUATION_SEED
-from dist_signmaml.monitor import RESULTS_JSON
+from dist_signmaml.artifacts import RESULTS_JSON
+from dist_signmaml.metatest import EVALUATION_SEED
 from dist_signmaml.sweep import SweepError
 from dist_signmaml.sweep import as_list as parse_list
 

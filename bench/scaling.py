@@ -32,9 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run as a script: bench.common is importable
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the checkout is importable
 
+from dist_signmaml.config import REPO_ROOT  # noqa: E402
 from bench.common import machine_load  # noqa: E402
 
 

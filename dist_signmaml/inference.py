@@ -159,7 +159,8 @@ def load(path: str | Path, *, weights: str = "best", device: str | torch.device 
     crop           center | stretch: how PIL images and files are fitted to the training size (as `shards build`)
     """
     from dist_signmaml.config import ConfigError, TrainConfig
-    from dist_signmaml.evaluate import read_metadata, weights_file
+    from dist_signmaml.artifacts import read_metadata
+    from dist_signmaml.evaluate import weights_file
     from dist_signmaml.artifacts import WeightsFileError
     from dist_signmaml.builders import build_learner, check_weights_fit
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dist_signmaml.config import REPO_ROOT
 from shards.writer import ordered_map, write_split
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 OMNIGLOT_DIR = REPO_ROOT / "data" / "omniglot"
 VINYALS_SPLITS = ("train", "val", "test", "trainval")
 LAKE_SPLITS = ("background", "evaluation")

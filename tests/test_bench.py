@@ -7,19 +7,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dist_signmaml.config import REPO_ROOT
 from bench.common import bench_learner, meta_step
 from bench.efficiency import layer_forward_flops, meta_step_flops
 from dist_signmaml.cpu_allocator import keep_freed_memory
 
 from tests.test_backbones import episode_batch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

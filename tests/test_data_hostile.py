@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dist_signmaml.config import REPO_ROOT
 from dist_signmaml.data import EpisodeShape, EpisodeStream
 from dist_signmaml.data.format import (
     MAX_MEMBER_BYTES,
@@ -29,7 +30,6 @@ from dist_signmaml.data.format import (
 from shards.checks import verify_split
 from tests.shard_fixtures import reindex, write_identifiable_split, write_tar
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def members_of(key: str, name: str, n: int = 3, chunk: int = 0, label: int = 0):

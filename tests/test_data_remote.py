@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("moto", reason="the S3 tests need `pip install -e .[test]` (moto[server], boto3, s3fs)")
 
+from dist_signmaml.config import REPO_ROOT
 from dist_signmaml.data import (  # noqa: E402
     EpisodeShape,
     EpisodeStream,
@@ -25,7 +26,6 @@ from dist_signmaml.data.format import ShardFormatError, read_index  # noqa: E402
 from tests.remote_servers import http_server, s3_server, upload_tree  # noqa: E402
 from tests.shard_fixtures import write_identifiable_split  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPE = EpisodeShape(3, 1, 2)
 STREAM = dict(seed=4, window_shards=2, batches_per_shard=1)
 

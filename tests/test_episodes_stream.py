@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from dist_signmaml.config import REPO_ROOT
 from dist_signmaml.data import EpisodeShape, EpisodeStream, fixed_episodes, read_episode_index, train_loader
 from dist_signmaml.data.format import read_index
 from shards.episode_writer import materialise
 from tests.shard_fixtures import trace, write_identifiable_split
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPE = EpisodeShape(ways=3, shots=2, queries=3)
 
 

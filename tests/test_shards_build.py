@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dist_signmaml.config import REPO_ROOT
 from dist_signmaml.data.format import read_class_shard, read_index
 from shards import imagefolder, omniglot
 from shards.checks import verify_split
 from tests.shard_fixtures import make_image_folder
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MINI_IMAGENET = REPO_ROOT.parent / "shared" / "data" / "mini-imagenet"
 CLASSES = {"cat": 7, "dog": 6, "grey_owl": 5, "zebra": 4}
 
