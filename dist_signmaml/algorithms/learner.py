@@ -24,8 +24,9 @@ LOG_STEP_SIZES = "log_inner_lr"
 def resolve_task_parallel(mode: str, device: torch.device) -> str:
     """'auto' -> 'loop' on CPU, 'vmap' elsewhere.
 
-    Measured on a 2-core CPU with conv4: vmap over tasks turns per-task weights into grouped convolutions and was
-    1.5-2.2x slower than a Python loop at 15 queries; on GPUs batching the tasks is expected to win.
+    On CPU vmap over tasks turns per-task weights into grouped convolutions, which were slower than a Python loop
+    in every measured cell (bench/results/cost_cpu.md, the `vmap` rows); on GPUs batching the tasks is expected to
+    win.
     """
     if mode not in TASK_PARALLEL_MODES:
         raise ValueError(f"--task_parallel={mode!r} is not known; expected one of {TASK_PARALLEL_MODES}")
