@@ -95,18 +95,6 @@ def check_image_shape(image_shape, where: str) -> tuple[int, int, int]:
     return shape
 
 
-def check_statistics(index, where: str) -> None:
-    """The normalisation statistics: one finite mean and one finite std > 0 per channel (a zero or NaN std makes
-    every image NaN, and the run would train on NaN)."""
-    channels = index.image_shape[2]
-    if len(index.mean) != channels or len(index.std) != channels:
-        raise ConfigError(f"{where}: mean and std need {channels} values (one per channel), got {len(index.mean)} "
-                          f"and {len(index.std)}")
-    if not all(math.isfinite(v) for v in index.mean) or not all(math.isfinite(v) and v > 0 for v in index.std):
-        raise ConfigError(f"{where}: statistics must be finite with std > 0, got mean={list(index.mean)} "
-                          f"std={list(index.std)}")
-
-
 def build_bundled_data(config: TrainConfig, engine) -> None:
     """The bundled Omniglot shards are built on first use (main process first, the others wait)."""
     root = Path(config.data)
@@ -136,7 +124,7 @@ def check_data(config: TrainConfig) -> Path:
             raise ConfigError(f"--data={config.data!r}: {error}") from None
         where = f"{root / split / 'index.json'}"
         check_image_shape(index.image_shape, where)
-        check_statistics(index, where)
+        # (the statistics are checked by the index reader itself: finite, std > 0, one per channel)
         try:
             usable_classes(index, shape, root / split)
         except ValueError as error:  # too few classes for --ways: the message names the flag

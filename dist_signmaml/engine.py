@@ -222,12 +222,19 @@ class Engine:
                              f"pass --on_nonfinite skip_step")
 
     def _first_non_finite(self, loss: torch.Tensor, optimizer) -> str | None:
-        """Which rank, if any, has a non-finite loss or (after backward) meta-gradient, agreed by every rank."""
+        """Which rank, if any, has a non-finite loss or (after backward) meta-gradient, agreed by every rank.
+
+        After DDP's backward every rank holds the same all-reduced meta-gradient, and a non-finite loss on any rank
+        makes it non-finite (NaN and inf survive the sum): every rank reaches the same verdict from its own
+        gradients, so a healthy step costs no collective. Only a bad step votes, to name the rank. Without
+        gradients (DeepSpeed: its optimizer runs inside backward) the ranks vote on the loss every step."""
         loss_bad = not bool(torch.isfinite(loss.detach()).all())
         grad_bad = False
         if optimizer is not None:
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             grad_bad = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+            if not grad_bad:
+                return None  # the same verdict on every rank: nothing to agree on
         votes = torch.tensor([self.rank if loss_bad else self.world_size, self.rank if grad_bad else self.world_size])
         if self._control is not None:
             with self.naming_lost_peers("the non-finite vote"):

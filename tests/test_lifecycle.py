@@ -194,9 +194,9 @@ def test_non_finite_or_overflowing_learning_rates_are_refused(flag, value):
 
 
 @pytest.mark.parametrize("mean,std,fragment", [
-    ([0.5], [0.0], "statistics must be finite with std > 0"),
-    ([float("nan")], [0.3], "statistics must be finite with std > 0"),
-    ([0.5, 0.5], [0.3, 0.3], "mean and std need 1 values (one per channel), got 2 and 2"),
+    ([0.5], [0.0], "std [0.0] must be > 0 (inputs are divided by it)"),
+    ([float("nan")], [0.3], "mean [nan] must be finite numbers"),
+    ([0.5, 0.5], [0.3, 0.3], "mean [0.5, 0.5] must list one number per channel (1)"),
 ])
 def test_index_statistics_must_be_finite_with_positive_std(tmp_path, tiny_data, capsys, mean, std, fragment):
     index_file = tiny_data / "train" / "index.json"
