@@ -183,7 +183,9 @@ def load(path: str | Path, *, weights: str = "best", device: str | torch.device 
     try:
         check_weights_fit(config, image_shape, file)
         learner = build_learner(config, image_shape, device)
-    except (ConfigError, WeightsFileError) as error:
+    except WeightsFileError as error:  # its message names the file
+        raise InferenceError(str(error)) from None
+    except ConfigError as error:
         raise InferenceError(f"{file}: {error}") from None
     load_export(learner, file)
     learner.to(device).eval()
