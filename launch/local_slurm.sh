@@ -58,7 +58,8 @@ SchedulerParameters=bf_interval=1,sched_interval=2
 # makes it return within ~2 s of the end of a job.
 MinJobAge=4
 KillWait=20
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=1000 State=UNKNOWN
+# the cores this machine gives us (nproc would report OMP_NUM_THREADS instead when it is set)
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 }
