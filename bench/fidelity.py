@@ -29,6 +29,7 @@ from pathlib import Path
 import fire
 
 from dist_signmaml.config import REPO_ROOT
+from bench.common import machine_load
 from bench.protocol import PROTOCOL_JSON, score_run
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR
 from dist_signmaml.artifacts import RESULTS_JSON
@@ -111,13 +112,17 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
             continue
         full_steps = steps or STEPS[run["setting"]]
         run_dir = Path(work) / run["name"]
+        load_before = machine_load()
         beta, grid = choose_beta(run, full_steps, run_dir, eval_episodes)
         print(f"{run['name']}: beta {beta:g}, training {full_steps} steps in {run_dir}", flush=True)
         results = train(run, beta, full_steps, run_dir / "final", eval_episodes)
         protocol = score_run(run_dir / "final", val_episodes=val_episodes, test_episodes=test_episodes)
         record_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(run_dir / "final" / RESULTS_JSON, record_dir / RESULTS_JSON)
-        (record_dir / PROTOCOL_JSON).write_text(json.dumps(protocol | {"beta_grid": grid}, indent=1) + "\n")
+        conditions = {"load_before": load_before, "load_after": machine_load(),
+                      "pinned_cores": sorted(os.sched_getaffinity(0)), "side_by_side": False}
+        (record_dir / PROTOCOL_JSON).write_text(json.dumps(protocol | {"beta_grid": grid, "conditions": conditions},
+                                                           indent=1) + "\n")
         chosen = protocol["test_chosen"]
         print(f"{run['name']}: test {100 * chosen['accuracy']:.2f}% at {chosen['inner_steps']} steps "
               f"x{chosen['lr_scale']:g} (paper's protocol {100 * protocol['test_paper']['accuracy']:.2f}%); "

@@ -77,12 +77,29 @@ def group_rows(records: list[dict]) -> list[dict]:
             "cpu_hours": sum(s * steps for s in seconds) / 3600,
             "time_to_target": reach, "target": TARGETS[setting],
             "step_sizes": [r["results"].get("inner_lr_learned") or {} for r in runs],
-            "test_curve": runs[0]["protocol"]["test_curve_at_scale_1"]})
+            "test_curve": runs[0]["protocol"]["test_curve_at_scale_1"],
+            "conditions": [r["protocol"].get("conditions") for r in runs]})
     return rows
 
 
+def conditions_line(rows: list[dict]) -> str:
+    """How the runs were measured, for the table's header: accuracy does not depend on it, seconds do."""
+    parts = []
+    for r in rows:
+        for c in r["conditions"]:
+            if not c:
+                parts.append(f"{r['setting']} m{r['inner_steps']} {r['variant']}: load not recorded")
+                continue
+            load = (c.get("load_before") or {}).get("load_average_1_5_15min", "not recorded")
+            parts.append(f"{r['setting']} m{r['inner_steps']} {r['variant']}: pinned to core(s) "
+                         f"{c.get('pinned_cores')}, load {load}" + (f" ({c['note']})" if c.get("note") else ""))
+    return ("Measuring conditions: runs one after another, each pinned to one core, NOT side by side; seconds per "
+            "meta-step and time to target are only as good as the load recorded per run. " + "; ".join(parts) + ".")
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| setting | m | variant | seeds | meta-steps | test, protocol chosen on val (mean; spread over seeds; "
+    lines = [conditions_line(rows), "",
+             "| setting | m | variant | seeds | meta-steps | test, protocol chosen on val (mean; spread over seeds; "
              "95% CI) | chosen (steps × β scale) | test, paper's protocol (10 × 1) | best val | last-20% gain | "
              "s / meta-step | to val target |", "|" + " --- |" * 12]
     for r in rows:

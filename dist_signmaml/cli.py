@@ -23,3 +23,16 @@ def path_and_options_signature(function) -> inspect.Signature:
     return inspect.Signature(
         [inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="")]
         + [p for p in inspect.signature(function).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY])
+
+
+def run_with_one_line_errors(function, path: str, options: dict, expected: tuple[type[Exception], ...]) -> None:
+    """`function(path, **options)`; an expected input error (and an unknown option) becomes `error: ...` and exit 2,
+    anything else keeps its traceback (a bug)."""
+    unknown = sorted(set(options) - set(function.__kwdefaults__))
+    try:
+        if unknown:
+            raise expected[0](f"unknown option(s) {', '.join('--' + u for u in unknown)}")
+        function(str(path), **options)
+    except expected as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

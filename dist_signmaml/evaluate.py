@@ -22,7 +22,7 @@ from dist_signmaml.builders import build_learner, check_image_shape, check_weigh
 from dist_signmaml.config import ConfigError, TrainConfig
 from dist_signmaml.data.format import ShardFormatError
 from dist_signmaml.engine import Engine
-from dist_signmaml.cli import path_and_options_signature, refuse_unknown_flags
+from dist_signmaml.cli import path_and_options_signature, refuse_unknown_flags, run_with_one_line_errors
 from dist_signmaml.metatest import EVALUATION_SEED, confidence_interval, duration, meta_test
 
 __all__ = ["EVALUATION_SEED", "confidence_interval", "duration", "evaluate", "main", "meta_test", "weights_file"]
@@ -197,14 +197,7 @@ def main(path: str = "", **options) -> None:
     if not path:
         print("error: give a run directory or a .safetensors file: python -m dist_signmaml.evaluate RUN_DIR", file=sys.stderr)
         sys.exit(2)
-    unknown = sorted(set(options) - set(evaluate.__kwdefaults__))
-    try:
-        if unknown:
-            raise EvaluationError(f"unknown option(s) {', '.join('--' + u for u in unknown)}")
-        evaluate(str(path), **options)
-    except (EvaluationError, WeightsFileError, ShardFormatError) as error:  # bad input; a bug keeps its traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_with_one_line_errors(evaluate, path, options, (EvaluationError, WeightsFileError, ShardFormatError))
 
 
 # `--help` lists evaluate's options with their defaults.

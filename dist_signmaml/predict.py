@@ -17,7 +17,7 @@ from pathlib import Path
 
 import fire
 
-from dist_signmaml.cli import path_and_options_signature, refuse_unknown_flags
+from dist_signmaml.cli import path_and_options_signature, refuse_unknown_flags, run_with_one_line_errors
 from dist_signmaml.inference import BATCHNORM_MODES, CROPS, InferenceError
 from shards.imagefolder import IMAGE_EXTENSIONS
 
@@ -134,14 +134,7 @@ def main(path: str = "", **options) -> None:
         print("error: give a run directory or a .safetensors file: python -m dist_signmaml.predict RUN_DIR "
               "--support SUPPORT_DIR --query QUERY_DIR", file=sys.stderr)
         sys.exit(2)
-    try:
-        unknown = sorted(set(options) - set(predict.__kwdefaults__))
-        if unknown:
-            raise InferenceError(f"unknown option(s) {', '.join('--' + u for u in unknown)}")
-        predict(str(path), **options)
-    except InferenceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_with_one_line_errors(predict, path, options, (InferenceError,))
 
 
 # `--help` lists predict's options with their defaults.

@@ -66,3 +66,5 @@ def test_seeds_are_averaged_with_their_spread_and_the_table_shows_the_learned_si
     table = markdown(rows)
     assert "**79.00%**; ±1.00; ±0.60/0.60" in table and "| 70.00% / 72.00%" not in table and "71.00%" in table
     assert "| head.weight | 0.01 | 2.00 |" in table
+    assert table.startswith("Measuring conditions: runs one after another, each pinned to one core, NOT side by side")
+    assert "20w1s m1 sign-lsl: load not recorded" in table
