@@ -5,6 +5,7 @@ rank or the world size is needed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -196,11 +197,20 @@ def default_torch_threads(local_processes: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_processes))
 
 
-def set_torch_threads() -> tuple[int, str]:
-    """Apply default_torch_threads unless the user chose (OMP_NUM_THREADS); returns (threads, why)."""
+@contextlib.contextmanager
+def torch_threads_for_run():
+    """Apply default_torch_threads unless the user chose (OMP_NUM_THREADS), for the length of a run; yields
+    (threads, why). The caller's own thread count comes back afterwards: `train()` called as a library function
+    must not change the numerics of what its caller computes next (a different thread count reorders reductions)."""
+    before = torch.get_num_threads()
     if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads(), "OMP_NUM_THREADS"
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = default_torch_threads(local)
-    torch.set_num_threads(threads)
-    return threads, f"{len(os.sched_getaffinity(0))} usable cores / {local} local process(es)"
+        chosen = before, "OMP_NUM_THREADS"
+    else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = default_torch_threads(local)
+        torch.set_num_threads(threads)
+        chosen = threads, f"{len(os.sched_getaffinity(0))} usable cores / {local} local process(es)"
+    try:
+        yield chosen
+    finally:
+        torch.set_num_threads(before)

@@ -19,7 +19,7 @@ import fire
 
 from dist_signmaml.artifacts import CONFIG_JSON, FINAL_WEIGHTS, WeightsFileError, atomic_write_text
 from dist_signmaml.builders import (build_bundled_data, build_learner, build_optimizer, check_data, default_meta_batch,
-                                    episode_shape, load_initial_weights, resolved_width, set_torch_threads,
+                                    episode_shape, load_initial_weights, resolved_width, torch_threads_for_run,
                                     train_stream)
 from dist_signmaml.checkpointer import Checkpointer
 from dist_signmaml.config import ConfigError, TrainConfig
@@ -39,7 +39,11 @@ __all__ = ["build_learner", "main", "train"]  # build_learner: kept importable f
 
 
 def train(config: TrainConfig) -> dict:
-    threads = set_torch_threads()
+    with torch_threads_for_run() as threads:
+        return run_training(config, threads)
+
+
+def run_training(config: TrainConfig, threads: tuple[int, str]) -> dict:
     stop_when_launcher_dies()
     engine = Engine(config.out, config.seed, log_with=config.log_with, zero_stage=config.zero_stage,
                     timeout_s=config.dist_timeout)

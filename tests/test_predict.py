@@ -265,10 +265,16 @@ def test_cli_labels_a_generated_image_folder_like_the_api(run_dir, tmp_path, sub
     assert [row["file"] for row in rows] == [str(f) for f in files]
     assert "labelled 15 query images" in done.stderr and "match their folder's class" in done.stderr
 
-    model = dist_signmaml.load(run_dir)
-    support_files = sorted(support.rglob("*.*"))
-    adapted = model.adapt(support_files, [f.parent.name for f in support_files])
-    probabilities = adapted.predict(files)
+    # the same thread count as the CLI process, so both sum in the same order and agree to the CSV's 6 digits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(subprocess_env["OMP_NUM_THREADS"]))
+    try:
+        model = dist_signmaml.load(run_dir)
+        support_files = sorted(support.rglob("*.*"))
+        adapted = model.adapt(support_files, [f.parent.name for f in support_files])
+        probabilities = adapted.predict(files)
+    finally:
+        torch.set_num_threads(threads)
     assert [row["predicted_class"] for row in rows] == [adapted.classes[i] for i in probabilities.argmax(-1)]
     np.testing.assert_allclose([float(row["probability"]) for row in rows], probabilities.max(-1).values,
                                atol=1e-6)

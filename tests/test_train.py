@@ -58,6 +58,26 @@ def test_run_directory_contents_and_resume_is_exact(tmp_path, omniglot_root):
     assert any(not torch.equal(a[n], c[n]) for n in a), "weights did not change with training"
 
 
+def test_train_called_as_a_function_gives_the_caller_its_thread_count_back(tmp_path, omniglot_root, monkeypatch):
+    """Without OMP_NUM_THREADS a run picks its own torch thread count; the caller's comes back afterwards. It once
+    stayed changed, so whatever the caller computed next summed in another order (an API prediction then differed
+    from the CLI's in the sixth digit)."""
+    from dist_signmaml.builders import default_torch_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    before = torch.get_num_threads()
+    callers = default_torch_threads(1) + 1  # never what the run would choose
+    torch.set_num_threads(callers)
+    try:
+        train(small_config(tmp_path, omniglot_root, steps=1, ckpt_every=1))
+        assert torch.get_num_threads() == callers
+        recorded = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+        assert recorded["torch_threads"] == default_torch_threads(1), recorded
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_tensorboard_has_train_scalars_and_hparams(tmp_path, omniglot_root):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
