@@ -102,8 +102,10 @@ def choose_beta(run: dict, steps: int, work: Path, eval_episodes: int) -> tuple[
 
 
 def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str = str(RESULTS),
-             val_episodes: int = 300, test_episodes: int = 1000, eval_episodes: int = 100) -> None:
-    """Train and score the runs of `plan` in order; each finished run's record goes to `record` (committed)."""
+             val_episodes: int = 300, test_episodes: int = 1000, eval_episodes: int = 100, beside: str = "") -> None:
+    """Train and score the runs of `plan` in order; each finished run's record goes to `record` (committed).
+    `beside`: what ran on the other cores meanwhile (e.g. the other plan of a side-by-side pair), recorded with the
+    run because seconds per meta-step depend on it."""
     runs = [parse_run(spec) for spec in str(plan).split(",") if spec.strip()]
     for run in runs:
         record_dir = Path(record) / run["name"]
@@ -120,7 +122,8 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
         record_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(run_dir / "final" / RESULTS_JSON, record_dir / RESULTS_JSON)
         conditions = {"load_before": load_before, "load_after": machine_load(),
-                      "pinned_cores": sorted(os.sched_getaffinity(0)), "side_by_side": False}
+                      "pinned_cores": sorted(os.sched_getaffinity(0)), "side_by_side": bool(beside),
+                      **({"note": f"beside: {beside}"} if beside else {})}
         (record_dir / PROTOCOL_JSON).write_text(json.dumps(protocol | {"beta_grid": grid, "conditions": conditions},
                                                            indent=1) + "\n")
         chosen = protocol["test_chosen"]

@@ -93,8 +93,11 @@ def conditions_line(rows: list[dict]) -> str:
             load = (c.get("load_before") or {}).get("load_average_1_5_15min", "not recorded")
             parts.append(f"{r['setting']} m{r['inner_steps']} {r['variant']}: pinned to core(s) "
                          f"{c.get('pinned_cores')}, load {load}" + (f" ({c['note']})" if c.get("note") else ""))
-    return ("Measuring conditions: runs one after another, each pinned to one core, NOT side by side; seconds per "
-            "meta-step and time to target are only as good as the load recorded per run. " + "; ".join(parts) + ".")
+    together = any(c and c.get("side_by_side") for r in rows for c in r["conditions"])
+    how = ("some runs side by side (one core each, named per run), others one after another" if together else
+           "runs one after another, each pinned to one core, NOT side by side")
+    return (f"Measuring conditions: {how}; seconds per meta-step and time to target are only as good as the load "
+            f"recorded per run. " + "; ".join(parts) + ".")
 
 
 def markdown(rows: list[dict]) -> str:
