@@ -9,9 +9,11 @@ A run is SETTING:mM:VARIANT:sSEED. Variants: a method (sign | fo | maml | signum
         at the method's default;
   -msl  the multi-step loss (--multi_step_loss);
   -b<beta>  a fixed beta given by hand (no grid), e.g. sign-b0.005.
-A fixed-beta variant without -b gets its beta from a grid (the default x 0.5, 1, 2) of runs lasting 25% of the full
-run, chosen by validation accuracy. Each finished run is scored by bench.protocol: the test protocol (inner steps
-from {1,2,3,5,10,20} x beta scale {0.5,1,2}) chosen on 300 validation episodes, then 1000 test episodes.
+A fixed-beta variant without -b gets its beta from bench.reproduce's grid (the default x 0.5, 1, 2, extended at an
+edge, each run lasting 25% of the full run), chosen by validation accuracy. Each finished run is scored by
+bench.reproduce's test stage: the test protocol (inner steps from {1,2,3,5,10,20} x beta scale {0.5,1,2}) chosen on
+300 validation episodes, then 1000 test episodes. This module adds what a reproduction across seeds and variants
+needs on top of those stages: the plan, the variants and the committed per-run records.
 """
 
 from __future__ import annotations
@@ -21,25 +23,22 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import fire
 
-from dist_signmaml.config import REPO_ROOT
 from bench.common import machine_load
-from bench.protocol import PROTOCOL_JSON, score_run
-from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR
+from bench.protocol import PROTOCOL_JSON
+from bench.reproduce import GRID_SCALES, ReproduceError, choose_beta, grid_for, grid_steps_for, test_final, train_final
 from dist_signmaml.artifacts import RESULTS_JSON
+from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR, REPO_ROOT
 
 RESULTS = REPO_ROOT / "bench" / "results" / "fidelity"
 STEPS = {"5w1s": 6000, "20w1s": 6000}  # full-run budgets (meta-steps) per setting
-GRID_FRACTION = 0.25  # each beta-grid run lasts this share of the full run (sign learns fastest early)
-GRID_SCALES = (0.5, 1.0, 2.0)
 TARGETS = {"5w1s": 0.90, "20w1s": 0.75}  # validation accuracy for the time-to-accuracy figure
 VALIDATIONS = 20  # validations per run (every 5%): the plateau check needs the last 20% resolved
+THREAD_ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one core per run (taskset the plan)
 RUN_PATTERN = re.compile(r"^(\d+)w(\d+)s:m(\d+):([a-z]+)((?:-lsl|-msl|-b[0-9.e-]+)*):s(\d+)$")
 
 
@@ -61,44 +60,22 @@ def parse_run(spec: str) -> dict:
             "variant": algo + suffix}
 
 
-def train_options(run: dict, beta: float, steps: int, out: Path, eval_episodes: int) -> list[str]:
-    every = max(1, steps // VALIDATIONS)
-    options = {"ways": run["ways"], "shots": run["shots"], "queries": 1, "algo": run["algo"], "inner_lr": beta,
-               "inner_steps": run["inner_steps"], "test_inner_steps": 10, "steps": steps, "seed": run["seed"],
-               "eval_episodes": eval_episodes, "eval_every": every, "ckpt_every": every, "test_episodes": 0,
-               "log_every": 50, "data": str(DEFAULT_DATA), "out": str(out), "resume": True,
-               "learn_inner_lr": "layer_step" if run["learned"] else "none",
-               "multi_step_loss": run["multi_step_loss"]}
-    return [f"--{k}={v}" for k, v in options.items()]
+def run_options(run: dict, eval_episodes: int) -> dict:
+    """The training options of a run besides beta, steps and out (bench.reproduce sets those)."""
+    return {"ways": run["ways"], "shots": run["shots"], "queries": 1, "inner_steps": run["inner_steps"],
+            "test_inner_steps": 10, "seed": run["seed"], "eval_episodes": eval_episodes, "log_every": 50,
+            "data": str(DEFAULT_DATA), "learn_inner_lr": "layer_step" if run["learned"] else "none",
+            "multi_step_loss": run["multi_step_loss"]}
 
 
-def train(run: dict, beta: float, steps: int, out: Path, eval_episodes: int = 100) -> dict:
-    """One training run, resumed from its newest checkpoint if an earlier attempt stopped; its results.json."""
-    if not (out / RESULTS_JSON).is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "dist_signmaml.train", *train_options(run, beta, steps, out, eval_episodes)]
-        with open(out / "train.log", "a") as log:
-            log.write(f"$ {shlex.join(command)}\n")
-            log.flush()
-            started = time.time()
-            finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {
-                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-            log.write(f"# wall seconds {time.time() - started:.0f}\n")
-        if finished.returncode != 0:
-            raise FidelityError(f"training {out} failed (exit {finished.returncode}); see {out / 'train.log'}")
-    return json.loads((out / RESULTS_JSON).read_text())
-
-
-def choose_beta(run: dict, steps: int, work: Path, eval_episodes: int) -> tuple[float, list[dict]]:
-    """beta for a fixed-beta variant: given by hand, or the best of a grid of runs lasting GRID_FRACTION of the run."""
+def beta_for(run: dict, steps: int, work: Path, common: dict, env: dict) -> tuple[float, list[dict]]:
+    """beta for a run: given by hand (-b), the method's default (learned step sizes start there), or the grid's."""
     if run["beta"] is not None or run["learned"]:
         return run["beta"] or DEFAULT_INNER_LR[run["algo"]], []
-    grid = []
-    for scale in GRID_SCALES:
-        beta = float(f"{DEFAULT_INNER_LR[run['algo']] * scale:.6g}")
-        results = train(run, beta, max(1, int(steps * GRID_FRACTION)), work / f"grid_beta{beta:g}", eval_episodes)
-        grid.append({"beta": beta, "best_val": results["best_val"]["accuracy"]})
-    return max(grid, key=lambda g: g["best_val"])["beta"], grid
+    beta = choose_beta(work, run["algo"], grid_for(run["algo"], list(GRID_SCALES)), grid_steps_for(steps), common,
+                       shlex.quote(sys.executable), env)
+    sweep = json.loads((work / f"beta_{run['algo']}" / "sweep.json").read_text())
+    return beta, [{"beta": r["beta"], "best_val": r["val_accuracy"]} for r in sweep["runs"]]
 
 
 def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str = str(RESULTS),
@@ -115,10 +92,13 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
         full_steps = steps or STEPS[run["setting"]]
         run_dir = Path(work) / run["name"]
         load_before = machine_load()
-        beta, grid = choose_beta(run, full_steps, run_dir, eval_episodes)
+        common = run_options(run, eval_episodes)
+        beta, grid = beta_for(run, full_steps, run_dir, common, THREAD_ENV)
         print(f"{run['name']}: beta {beta:g}, training {full_steps} steps in {run_dir}", flush=True)
-        results = train(run, beta, full_steps, run_dir / "final", eval_episodes)
-        protocol = score_run(run_dir / "final", val_episodes=val_episodes, test_episodes=test_episodes)
+        train_final(run_dir / "final", run["algo"], beta, full_steps, VALIDATIONS, common, shlex.quote(sys.executable),
+                    THREAD_ENV)
+        results = json.loads((run_dir / "final" / RESULTS_JSON).read_text())
+        protocol = test_final(run_dir / "final", val_episodes, test_episodes, 1, THREAD_ENV)
         record_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(run_dir / "final" / RESULTS_JSON, record_dir / RESULTS_JSON)
         conditions = {"load_before": load_before, "load_after": machine_load(),
@@ -142,7 +122,7 @@ def main(command: str = "", **options) -> None:
             summarize(**options)
         else:
             raise FidelityError("give a command: run --plan ... | summary")
-    except FidelityError as error:
+    except (FidelityError, ReproduceError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

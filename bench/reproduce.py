@@ -6,11 +6,14 @@
     python -m bench.reproduce summary --out runs/reproduce/omniglot   # table and plots from the finished runs
 
 For every setting (N-way K-shot) and method the pipeline is
-  1. beta: a small grid of short runs around the method's default, picked by validation accuracy, with the paper's
+  1. beta: a small grid of runs around the method's default, each lasting 25% of the final run (sign learns
+     fastest early, so a short grid measures the wrong thing), picked by validation accuracy, with the paper's
      Appendix A rule (best at an edge -> two more values past it) through dist_signmaml.sweep;
   2. train: the full budget with that beta, the same seed (initialisation and episode stream) for every method,
      the best weights by validation kept;
-  3. test: dist_signmaml.evaluate on the same fixed test episodes (seed 2021) with `test_inner_steps` inner steps.
+  3. test: bench.protocol chooses the test protocol per method on validation (inner steps from {1,2,3,5,10,20} x
+     beta scale {0.5,1,2}, every step count from one adaptation pass), then scores it once on the fixed test
+     episodes (seed 2021), next to the paper's protocol (10 steps at the training beta).
 Every stage leaves files, and re-running the same command skips what is finished and resumes a training run from its
 newest checkpoint: the whole thing can run in the background, be killed, and be continued.
 
@@ -26,15 +29,17 @@ Options (any other --flag is a training option passed to every run, e.g. --backb
     --ways, --shots     images: the grid (default 2,5,7,10 and 1,2,3,4,5)
     --steps             meta-steps of the final runs: one number, or one per setting (omniglot default: 3000 for
                         5w1s, 2000 otherwise; images: 20000)
-    --grid_steps        meta-steps of each beta-grid run (omniglot default 200)
+    --grid_steps        meta-steps of each beta-grid run (default 25% of the final run's)
     --grid_scales       the grid is the method's default beta times these (default 0.5,1,2)
     --queries           query images per class while training and validating (default 1, as in the paper's code)
     --test_queries      query images per class of the test episodes (default: --queries; the query set is also a
                         BatchNorm batch, so testing with another size than trained shifts the statistics: measured
                         -3.3 points on Omniglot 5w1s trained with 1 and tested with 15)
     --test_episodes     fixed test episodes (default 1000, the paper's)
-    --test_inner_steps  inner steps at validation/test time (default 10, the paper's)
-    --eval_episodes     validation episodes (default 100); --evals validations per final run (default 5)
+    --val_episodes      fixed validation episodes that choose the test protocol (default 300)
+    --test_inner_steps  inner steps of the validations during training (default 10, the paper's)
+    --eval_episodes     validation episodes during training (default 100); --evals validations per final run
+                        (default 5)
     --threads           torch threads per run (default 1; OMP_NUM_THREADS)
     --launcher          how a run starts (default this python; e.g. "accelerate launch --num_processes 2")
 """
@@ -42,6 +47,7 @@ Options (any other --flag is a training option passed to every run, e.g. --backb
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -50,20 +56,25 @@ from pathlib import Path
 
 import fire
 
-from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR, ConfigError, TrainConfig
+from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR, REPO_ROOT, ConfigError, TrainConfig
 from dist_signmaml.artifacts import RESULTS_JSON
 from dist_signmaml.metatest import EVALUATION_SEED
+from bench.protocol import PAPER_CELL, PROTOCOL_JSON
 from dist_signmaml.sweep import SweepError
 from dist_signmaml.sweep import as_list as parse_list
 
-TEST_JSON = "test.json"
 PRESETS = {
-    # Sized to one working session on 2 CPU cores, one setting per core (~1 h for 5w1s, ~2 h for 20w1s).
-    "omniglot": {"data": str(DEFAULT_DATA), "settings": "5w1s,20w1s", "steps": {"5w1s": 3000, "other": 2000},
-                 "grid_steps": 200},
+    # Sized to one working session on 2 CPU cores, one setting per core.
+    "omniglot": {"data": str(DEFAULT_DATA), "settings": "5w1s,20w1s", "steps": {"5w1s": 3000, "other": 2000}},
     # The paper's mini-ImageNet / FS-CIFAR100 grid (Table 1, Fig. 1): GPU-sized budgets.
-    "images": {"data": "", "settings": "", "steps": {"other": 20000}, "grid_steps": 2000},
+    "images": {"data": "", "settings": "", "steps": {"other": 20000}},
 }
+GRID_FRACTION = 0.25  # each beta-grid run lasts this share of the final run (the issue's fair-grid rule)
+GRID_SCALES = (0.5, 1.0, 2.0)  # the grid: the method's default beta times these
+
+
+def grid_steps_for(final_steps: int) -> int:
+    return max(1, math.ceil(GRID_FRACTION * final_steps))
 
 
 class ReproduceError(ValueError):
@@ -131,40 +142,46 @@ def train_final(run_dir: Path, algo: str, beta: float, steps: int, evals: int, c
     run_logged(command, run_dir / "train.log", env, f"training {run_dir}")
 
 
-def test_final(run_dir: Path, episodes: int, queries: int, inner_steps: int, env: dict) -> dict:
-    """Stage 3: the best-by-validation weights on the fixed test episodes."""
-    out = run_dir / TEST_JSON
-    wanted = {"episodes": episodes, "queries": queries, "inner_steps": inner_steps}
+def test_final(run_dir: Path, val_episodes: int, test_episodes: int, queries: int, env: dict) -> dict:
+    """Stage 3: the test protocol chosen on validation, scored on the fixed test episodes (bench.protocol), with the
+    best-by-validation weights. A protocol.json scored with other options is kept aside and scored again."""
+    out = run_dir / PROTOCOL_JSON
+    wanted = {"val_episodes": val_episodes, "test_episodes": test_episodes, "queries": queries}
     if out.is_file():
         previous = json.loads(out.read_text())
-        if {k: previous.get(k) for k in wanted} != wanted:  # scored under other options: keep it aside, score again
-            out.rename(run_dir / f"test_{previous.get('queries')}q_{previous.get('episodes')}episodes_"
-                                 f"{previous.get('inner_steps')}steps.json")
+        if {k: previous.get(k) for k in wanted} != wanted:
+            out.rename(run_dir / f"protocol_{previous.get('queries')}q_{previous.get('val_episodes')}val_"
+                                 f"{previous.get('test_episodes')}test.json")
     if not out.is_file():
-        command = [sys.executable, "-m", "dist_signmaml.evaluate", str(run_dir), "--split=test",
-                   f"--episodes={episodes}", f"--queries={queries}", f"--inner_steps={inner_steps}",
-                   f"--seed={EVALUATION_SEED}", f"--out={out}"]
-        run_logged(command, run_dir / "test.log", env, f"testing {run_dir}")
+        command = [sys.executable, "-m", "bench.protocol", str(run_dir), f"--val_episodes={val_episodes}",
+                   f"--test_episodes={test_episodes}", f"--queries={queries}"]
+        importable = env | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))}
+        run_logged(command, run_dir / "test.log", importable, f"testing {run_dir}")
     return json.loads(out.read_text())
 
 
 def run_row(setting_dir: Path, algo: str) -> dict | None:
     """One method's line of the table from its files (None until its test has run)."""
     run_dir = setting_dir / algo
-    if not (run_dir / TEST_JSON).is_file():
+    if not (run_dir / PROTOCOL_JSON).is_file():
         return None
     results = json.loads((run_dir / RESULTS_JSON).read_text())
-    test = json.loads((run_dir / TEST_JSON).read_text())
+    protocol = json.loads((run_dir / PROTOCOL_JSON).read_text())
+    chosen, paper = protocol["test_chosen"], protocol["test_paper"]
     sweep_file = setting_dir / f"beta_{algo}" / "sweep.json"
-    grid = sorted(r["beta"] for r in json.loads(sweep_file.read_text())["runs"]) if sweep_file.is_file() else []
+    sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {"runs": []}
+    grid = sorted(r["beta"] for r in sweep["runs"])
     timing = results["seconds_per_meta_iteration"]
     config = results["config"]
     return {"setting": setting_dir.name, "ways": config["ways"], "shots": config["shots"], "algo": algo,
             "beta": config["inner_lr"], "beta_grid": grid, "steps": config["steps"], "meta_batch": config["meta_batch"],
-            "train_queries": config["queries"], "train_inner_steps": config["inner_steps"], "test_queries": test["queries"],
+            "grid_steps": max((r.get("val_step") or 0 for r in sweep["runs"]), default=0) or None, "train_queries": config["queries"],
+            "train_inner_steps": config["inner_steps"], "test_queries": protocol["queries"],
             "best_val_accuracy": results["best_val"]["accuracy"], "best_val_step": results["best_val"]["step"],
-            "test_accuracy": test["accuracy"], "test_ci95": test["ci95"], "test_episodes": test["episodes"],
-            "test_inner_steps": test["inner_steps"], "seconds_per_meta_iteration": timing["mean"],
+            "test_accuracy": chosen["accuracy"], "test_ci95": chosen["ci95"], "test_inner_steps": chosen["inner_steps"],
+            "test_lr_scale": chosen["lr_scale"], "paper_protocol_accuracy": paper["accuracy"],
+            "paper_protocol_ci95": paper["ci95"], "test_episodes": protocol["test_episodes"],
+            "val_episodes": protocol["val_episodes"], "seconds_per_meta_iteration": timing["mean"],
             "seconds_per_meta_iteration_std": timing["std"], "training_seconds": timing["mean"] * config["steps"],
             "run": str(run_dir)}
 
@@ -214,13 +231,16 @@ def comparisons(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| setting | method | β (grid) | meta-steps | val (best) | test accuracy ± 95% CI | s / meta-iteration | training time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| setting | method | β (grid) | meta-steps | val (best) | test ± 95% CI, protocol chosen on val | "
+             "chosen (steps × β scale) | test, paper's protocol | s / meta-iteration | training time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         grid = "/".join(f"{b:g}" for b in r["beta_grid"])
         lines.append(f"| {r['ways']}-way {r['shots']}-shot | {r['algo']} | **{r['beta']:g}** ({grid}) | {r['steps']} | "
                      f"{100 * r['best_val_accuracy']:.2f}% @ {r['best_val_step']} | "
                      f"**{100 * r['test_accuracy']:.2f} ± {100 * r['test_ci95']:.2f}%** | "
+                     f"{r['test_inner_steps']} × {r['test_lr_scale']:g} | "
+                     f"{100 * r['paper_protocol_accuracy']:.2f} ± {100 * r['paper_protocol_ci95']:.2f}% | "
                      f"{r['seconds_per_meta_iteration']:.3f} ± {r['seconds_per_meta_iteration_std']:.3f} | "
                      f"{r['training_seconds'] / 60:.1f} min |")
     for c in comparisons(rows):
@@ -233,8 +253,11 @@ def markdown_table(rows: list[dict]) -> str:
             lines.append(f"\n{c['setting']}: " + "; ".join(parts) + ".")
     if rows:
         r = rows[0]
+        grid = f"{r['grid_steps']} meta-steps each" if r.get("grid_steps") else "see each sweep"
         lines.append(f"\nTest: {r['test_episodes']} fixed episodes (seed {EVALUATION_SEED}), {r['test_queries']} query "
-                     f"image(s) per class, {r['test_inner_steps']} inner steps, best-by-validation weights; training: "
+                     f"image(s) per class, best-by-validation weights; the protocol (inner steps × test-time β "
+                     f"scale) chosen per method on {r['val_episodes']} validation episodes, the paper's is "
+                     f"{PAPER_CELL[0]} steps × {PAPER_CELL[1]:g}. β grid runs: {grid}. Training: "
                      f"meta-batch {r['meta_batch']}, {r['train_queries']} query image(s) per class, "
                      f"{r['train_inner_steps']} inner step(s). Seconds per meta-iteration are the runs' own means "
                      f"(data loading included; a resumed run counts its steps after the resume), measured wherever the "
@@ -310,8 +333,9 @@ def plot_sign_vs_fo(rows: list[dict], path: Path) -> None:
 
 
 def reproduce(preset: str, *, out: str = "", data: str = "", algos="sign,fo,maml", settings="", ways="2,5,7,10",
-              shots="1,2,3,4,5", steps="", grid_steps: int = 0, grid_scales="0.5,1,2", queries: int = 1,
-              test_queries: int = 0, test_episodes: int = 1000, test_inner_steps: int = 10, eval_episodes: int = 100,
+              shots="1,2,3,4,5", steps="", grid_steps: int = 0, grid_scales=GRID_SCALES,
+              queries: int = 1, test_queries: int = 0, test_episodes: int = 1000, val_episodes: int = 300,
+              test_inner_steps: int = 10, eval_episodes: int = 100,
               evals: int = 5, threads: int = 1, launcher: str = "", seed: int = 0, **train_options) -> list[dict]:
     if preset not in PRESETS:
         raise ReproduceError(f"preset {preset!r} is not known; expected one of {', '.join(PRESETS)} (or summary)")
@@ -342,14 +366,16 @@ def reproduce(preset: str, *, out: str = "", data: str = "", algos="sign,fo,maml
     if len(step_counts) != len(grid_settings) or min(step_counts) < 1:
         raise ReproduceError(f"--steps={steps!r}: expected one positive number, or one per setting "
                              f"({len(grid_settings)}: {', '.join(setting_name(*s) for s in grid_settings)})")
-    grid_steps = int(grid_steps or defaults["grid_steps"])
     scales = as_list(grid_scales, "grid_scales", float)
     test_queries = test_queries or queries
     for flag, value in (("queries", queries), ("test_queries", test_queries), ("test_episodes", test_episodes),
-                        ("test_inner_steps", test_inner_steps), ("eval_episodes", eval_episodes), ("evals", evals),
-                        ("threads", threads), ("grid_steps", grid_steps)):
+                        ("val_episodes", val_episodes), ("test_inner_steps", test_inner_steps),
+                        ("eval_episodes", eval_episodes), ("evals", evals), ("threads", threads)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ReproduceError(f"--{flag}={value!r} is invalid: expected a positive integer")
+    if grid_steps and (not isinstance(grid_steps, int) or isinstance(grid_steps, bool) or grid_steps < 1):
+        raise ReproduceError(f"--grid_steps={grid_steps!r} is invalid: expected a positive integer (default: "
+                             f"{GRID_FRACTION:.0%} of the final run's steps)")
     for reserved in ("algo", "inner_lr", "steps", "ways", "shots", "resume", "out", "test_episodes", "eval_every"):
         if reserved in train_options:
             raise ReproduceError(f"--{reserved} is set by the harness for each run; leave it out")
@@ -365,12 +391,15 @@ def reproduce(preset: str, *, out: str = "", data: str = "", algos="sign,fo,maml
             raise ReproduceError(str(error)) from None
         setting_dir = out_dir / setting_name(w, s)
         for algo in methods:
-            beta = choose_beta(setting_dir, algo, grid_for(algo, scales), grid_steps, common, launcher, env)
+            beta = choose_beta(setting_dir, algo, grid_for(algo, scales), grid_steps or grid_steps_for(final_steps),
+                               common, launcher, env)
             print(f"{setting_name(w, s)} {algo}: beta {beta:g} by validation; training {final_steps} steps", flush=True)
             train_final(setting_dir / algo, algo, beta, final_steps, evals, common, launcher, env)
-            result = test_final(setting_dir / algo, test_episodes, test_queries, test_inner_steps, env)
-            print(f"{setting_name(w, s)} {algo}: test {100 * result['accuracy']:.2f} ± {100 * result['ci95']:.2f}%",
-                  flush=True)
+            result = test_final(setting_dir / algo, val_episodes, test_episodes, test_queries, env)
+            chosen, paper = result["test_chosen"], result["test_paper"]
+            print(f"{setting_name(w, s)} {algo}: test {100 * chosen['accuracy']:.2f} ± {100 * chosen['ci95']:.2f}% "
+                  f"at {chosen['inner_steps']} steps x{chosen['lr_scale']:g} (chosen on val); paper's protocol "
+                  f"{100 * paper['accuracy']:.2f}%", flush=True)
     rows = summarize(out_dir)
     print(f"-> {out_dir / 'reproduce.md'}")
     return rows

@@ -25,6 +25,8 @@ def test_parse_setting_and_grid():
             parse_setting(bad)
     assert grid_for("sign", [0.5, 1, 2]) == [0.0025, 0.005, 0.01]
     assert grid_for("maml", [1]) == [0.2]
+    # each grid run lasts at least a quarter of the final run
+    assert [reproduce.grid_steps_for(n) for n in (1, 3, 5, 4000)] == [1, 1, 2, 1000]
 
 
 @pytest.mark.parametrize("options, message", [
@@ -48,7 +50,8 @@ def test_images_preset_names_a_directory_without_shards(tmp_path):
 
 
 def fake_run(setting_dir, algo, *, ways, shots, accuracy, seconds, beta, grid):
-    """The files a finished pipeline leaves for one method: results.json, test.json and the sweep summary."""
+    """The files a finished pipeline leaves for one method: results.json, protocol.json and the sweep summary. The
+    protocol chose 1 step at scale 1 on validation; the paper's cell (10 steps) scores 10 points lower."""
     run = setting_dir / algo
     run.mkdir(parents=True)
     history = [{"step": 50, "accuracy": accuracy - 0.05, "ci95": 0.02, "episodes": 100, "inner_steps": 10},
@@ -58,12 +61,15 @@ def fake_run(setting_dir, algo, *, ways, shots, accuracy, seconds, beta, grid):
                    "queries": 1, "inner_steps": 1},
         "seconds_per_meta_iteration": {"mean": seconds, "std": seconds / 10, "count": 99},
         "best_val": history[-1], "val_history": history}))
-    (run / "test.json").write_text(json.dumps({"accuracy": accuracy, "ci95": 0.01, "episodes": 1000, "queries": 15,
-                                               "inner_steps": 10}))
+    (run / "protocol.json").write_text(json.dumps({
+        "val_episodes": 300, "test_episodes": 1000, "queries": 15, "chosen": {"inner_steps": 1, "lr_scale": 1.0},
+        "test_chosen": {"inner_steps": 1, "lr_scale": 1.0, "accuracy": accuracy, "ci95": 0.01},
+        "test_paper": {"inner_steps": 10, "lr_scale": 1.0, "accuracy": accuracy - 0.1, "ci95": 0.02}}))
     sweep = setting_dir / f"beta_{algo}"
     sweep.mkdir()
     (sweep / "sweep.json").write_text(json.dumps({
-        "runs": [{"algo": algo, "beta": b, "val_accuracy": 0.5, "val_ci95": 0.01, "best": b == beta} for b in grid],
+        "runs": [{"algo": algo, "beta": b, "val_accuracy": 0.5, "val_ci95": 0.01, "val_step": 25, "best": b == beta}
+                 for b in grid],
         "best": {algo: beta}, "status": {algo: "done"}}))
 
 
@@ -84,7 +90,9 @@ def test_summary_table_comparisons_and_plots(tmp_path):
     assert by_setting["5w1s"]["sign_minus_maml_points"] == pytest.approx(-1.0)
     assert by_setting["5w1s"]["sign_over_maml_time"] == pytest.approx(0.4)
     table = (tmp_path / "reproduce.md").read_text()
-    assert "| 20-way 1-shot | sign | **0.005** (0.0025/0.005/0.01) | 100 | 85.00% @ 100 | **85.00 ± 1.00%** |" in table
+    assert ("| 20-way 1-shot | sign | **0.005** (0.0025/0.005/0.01) | 100 | 85.00% @ 100 | **85.00 ± 1.00%** | 1 × 1 | "
+            "75.00 ± 2.00% |") in table
+    assert "300 validation episodes, the paper's is 10 steps × 1. β grid runs: 25 meta-steps each." in table
     assert "20w1s: sign − fo +5.00 points at 1.00× its time; sign − maml -1.00 points at 0.40× its time." in table
     for png in ("accuracy.png", "sign_vs_fo.png", "5w1s/plots/accuracy_vs_step.png", "5w1s/plots/sweep.png",
                 "20w1s/plots/time_per_iteration.png"):
@@ -119,16 +127,19 @@ def test_images_harness_smoke_on_mini_imagenet(tmp_path, subprocess_env):
                    check=True, cwd=REPO_ROOT, env=subprocess_env, capture_output=True)
     out = tmp_path / "reproduce"
     command = [sys.executable, "-m", "bench.reproduce", "images", f"--data={shards}", f"--out={out}", "--ways=2",
-               "--shots=1", "--algos=sign,fo", "--steps=3", "--grid_steps=2", "--grid_scales=1", "--queries=2",
-               "--test_queries=5", "--test_episodes=6", "--eval_episodes=2", "--evals=1", "--hidden=8"]
+               "--shots=1", "--algos=sign,fo", "--steps=5", "--grid_scales=1", "--queries=2",
+               "--test_queries=5", "--test_episodes=6", "--val_episodes=4", "--eval_episodes=2", "--evals=1", "--hidden=8"]
     finished = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     summary = json.loads((out / "reproduce.json").read_text())
     assert [(r["setting"], r["algo"]) for r in summary["rows"]] == [("2w1s", "sign"), ("2w1s", "fo")]
     for row in summary["rows"]:
-        assert row["test_episodes"] == 6 and row["test_queries"] == 5 and row["steps"] == 3
+        assert row["test_episodes"] == 6 and row["test_queries"] == 5 and row["steps"] == 5
+        assert row["val_episodes"] == 4 and row["grid_steps"] == 2  # 25% of 5 steps, rounded up
+        assert row["test_inner_steps"] in (1, 2, 3, 5, 10, 20) and row["test_lr_scale"] in (0.5, 1.0, 2.0)
+        assert 0.0 <= row["paper_protocol_accuracy"] <= 1.0
         assert 0.0 <= row["test_accuracy"] <= 1.0 and row["seconds_per_meta_iteration"] > 0
-    test_file = out / "2w1s" / "sign" / "test.json"
+    test_file = out / "2w1s" / "sign" / "protocol.json"
     stamp = test_file.stat().st_mtime_ns
     again = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env)
     assert again.returncode == 0, again.stderr
@@ -168,16 +179,16 @@ def test_cost_tables_mark_each_ratio_against_its_target(tmp_path):
 
 
 def test_finished_stages_are_skipped_and_stale_tests_redone(tmp_path, monkeypatch):
-    """Resuming: a finished run is not retrained; a test scored with other options is scored again."""
+    """Resuming: a finished run is not retrained; a protocol scored with other options is scored again."""
     commands = []
 
     def record(command, log, env, what):
         commands.append(command)
-        if "dist_signmaml.evaluate" in command:
+        if "bench.protocol" in command:
             flags = dict(c[2:].split("=", 1) for c in command if c.startswith("--"))
-            (tmp_path / "run" / "test.json").write_text(json.dumps(
-                {"accuracy": 0.5, "ci95": 0.1, "episodes": int(flags["episodes"]), "queries": int(flags["queries"]),
-                 "inner_steps": int(flags["inner_steps"])}))
+            (tmp_path / "run" / "protocol.json").write_text(json.dumps(
+                {"test_chosen": {"accuracy": 0.5}, "val_episodes": int(flags["val_episodes"]),
+                 "test_episodes": int(flags["test_episodes"]), "queries": int(flags["queries"])}))
 
     monkeypatch.setattr(reproduce, "run_logged", record)
     run = tmp_path / "run"
@@ -185,11 +196,13 @@ def test_finished_stages_are_skipped_and_stale_tests_redone(tmp_path, monkeypatc
     (run / "results.json").write_text("{}")
     reproduce.train_final(run, "sign", 0.005, 100, 5, {}, sys.executable, {})
     assert commands == []  # results.json: training finished
-    (run / "test.json").write_text(json.dumps({"accuracy": 0.9, "episodes": 1000, "queries": 1, "inner_steps": 10}))
-    assert reproduce.test_final(run, 1000, 1, 10, {})["accuracy"] == 0.9 and commands == []
-    assert reproduce.test_final(run, 1000, 15, 10, {})["accuracy"] == 0.5  # other query count: scored again
+    (run / "protocol.json").write_text(json.dumps({"test_chosen": {"accuracy": 0.9}, "val_episodes": 300,
+                                                   "test_episodes": 1000, "queries": 1}))
+    assert reproduce.test_final(run, 300, 1000, 1, {})["test_chosen"]["accuracy"] == 0.9 and commands == []
+    assert reproduce.test_final(run, 300, 1000, 15, {})["test_chosen"]["accuracy"] == 0.5  # other queries: again
     assert len(commands) == 1 and "--queries=15" in commands[0]
-    assert json.loads((run / "test_1q_1000episodes_10steps.json").read_text())["accuracy"] == 0.9  # kept aside
+    aside = json.loads((run / "protocol_1q_300val_1000test.json").read_text())
+    assert aside["test_chosen"]["accuracy"] == 0.9  # kept aside
     (run / "results.json").unlink()
     reproduce.train_final(run, "maml", 0.2, 100, 5, {"ways": 20}, sys.executable, {})
     assert "--resume=True" in commands[-1] and "--eval_every=20" in commands[-1] and "--ways=20" in commands[-1]
