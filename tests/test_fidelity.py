@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.fidelity import FidelityError, parse_run
-from bench.fidelity_summary import group_rows, markdown, plateau_gain, time_to_target
+from bench.fidelity_summary import goals, group_rows, markdown, plateau_gain, time_to_target
 from bench.protocol import PAPER_CELL, TEST_STEPS, cell, choose_cell, grid_scores
 
 pytestmark = pytest.mark.unit
@@ -45,11 +45,12 @@ def test_plateau_and_time_to_target_read_the_validation_history():
     assert time_to_target(history, 0.9, 0.2) == {"step": None, "seconds": None}
 
 
-def record(seed, accuracy, paper, sizes=None):
-    return {"setting": "20w1s", "inner_steps": 1, "variant": "sign-lsl", "seed": seed,
+def record(seed, accuracy, paper, sizes=None, variant="sign-lsl", seconds=0.3, reach_step=100, setting="20w1s"):
+    return {"setting": setting, "inner_steps": 1, "variant": variant, "seed": seed, "algo": variant.split("-")[0],
+            "learned": "-lsl" in variant,
             "results": {"steps": 100, "config": {"inner_lr": 0.005}, "best_val": {"accuracy": accuracy + 0.01},
-                        "seconds_per_meta_iteration": {"mean": 0.3},
-                        "val_history": [{"step": 50, "accuracy": 0.7}, {"step": 100, "accuracy": 0.76}],
+                        "seconds_per_meta_iteration": {"mean": seconds},
+                        "val_history": [{"step": 50, "accuracy": 0.7}, {"step": reach_step, "accuracy": 0.76}],
                         "inner_lr_learned": sizes},
             "protocol": {"test_chosen": {"accuracy": accuracy, "ci95": 0.006, "inner_steps": 1, "lr_scale": 1.0},
                          "chosen": {"inner_steps": 1, "lr_scale": 1.0},
@@ -68,3 +69,20 @@ def test_seeds_are_averaged_with_their_spread_and_the_table_shows_the_learned_si
     assert "| head.weight | 0.01 | 2.00 |" in table
     assert table.startswith("Measuring conditions: runs one after another, each pinned to one core, NOT side by side")
     assert "20w1s m1 sign-lsl: load not recorded" in table
+
+
+def test_goals_are_reported_met_or_missed_with_their_figures():
+    rows = group_rows([record(0, 0.85, 0.7), record(0, 0.84, 0.8, variant="sign-b0.005", seconds=0.2),
+                       record(0, 0.80, 0.8, variant="fo-b0.1", seconds=0.25, reach_step=50),
+                       record(0, 0.855, 0.85, variant="maml-b0.2", seconds=0.5),
+                       record(0, 0.96, 0.9, variant="fo-b0.1", setting="5w1s")])
+    lines = "\n".join(goals(rows))
+    assert "best sign, sign-lsl (m=1, 1 seed(s)), minus best fo, fo-b0.1 (m=1, 1 seed(s)): +5.00 points vs the " \
+           "goal ≥ +3: met" in lines
+    assert "best sign minus best maml, maml-b0.2 (m=1, 1 seed(s)): -0.50 points (goal ≥ −1: met) at 0.60× its " \
+           "seconds per meta-step (goal ≤ 0.5×: MISSED)" in lines
+    assert "learned step sizes from the default β, sign-lsl (m=1, 1 seed(s)), minus fixed β 0.005, sign-b0.005 " \
+           "(m=1, 1 seed(s)): +1.00 points (goal ≥ −1: met)" in lines
+    # sign-lsl needs 100 steps at 0.3 s, fo 50 at 0.25 s
+    assert "sign-lsl (m=1, 1 seed(s)) reaches 75% validation in 2.40× the time of fo-b0.1" in lines
+    assert "5w1s, 100 meta-steps: fo-b0.1 (m=1, 1 seed(s)) 96.00% vs the goal ≥ 97%: MISSED" in lines
