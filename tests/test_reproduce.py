@@ -35,6 +35,8 @@ def test_parse_setting_and_grid():
     ({"preset": "omniglot", "settings": "5w1s,20w1s", "steps": "10,20,30"}, "one per setting"),
     ({"preset": "omniglot", "algos": "sign,reptile"}, "'reptile' is not a method"),
     ({"preset": "omniglot", "test_episodes": 0}, "--test_episodes=0 is invalid"),
+    ({"preset": "omniglot", "val_episodes": 0}, "--val_episodes=0 is invalid"),
+    ({"preset": "omniglot", "grid_steps": -5}, r"--grid_steps=-5 is invalid: expected a positive integer \(default: 25%"),
     ({"preset": "omniglot", "inner_lr": 0.1}, "--inner_lr is set by the harness"),
     ({"preset": "omniglot", "settings": "5w1s", "backbone": "vgg"}, "--backbone='vgg' is invalid"),
 ])
