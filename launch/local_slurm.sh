@@ -6,12 +6,13 @@
 #   launch/local_slurm.sh start DIR   # writes DIR/slurm.conf, starts munged, slurmctld, slurmd; prints the export
 #   export SLURM_CONF=DIR/slurm.conf  # then: sinfo, sbatch, squeue, scontrol, scancel
 #   launch/local_slurm.sh stop DIR    # scontrol shutdown; stops munged if this script started it
+#   launch/local_slurm.sh config DIR  # only writes DIR/slurm.conf (to read it, or to start the daemons by hand)
 #
 # The node is called `localhost` (slurmd -N), with every CPU of the machine; one partition `debug`.
 set -euo pipefail
 
-action=${1:?usage: local_slurm.sh start|stop DIR}
-dir=$(realpath -m "${2:?usage: local_slurm.sh start|stop DIR}")
+action=${1:?usage: local_slurm.sh start|stop|config DIR}
+dir=$(realpath -m "${2:?usage: local_slurm.sh start|stop|config DIR}")
 export SLURM_CONF=$dir/slurm.conf
 
 install_if_missing() {
@@ -58,8 +59,9 @@ SchedulerParameters=bf_interval=1,sched_interval=2
 # makes it return within ~2 s of the end of a job.
 MinJobAge=4
 KillWait=20
-# the cores this machine gives us (nproc would report OMP_NUM_THREADS instead when it is set)
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) RealMemory=1000 State=UNKNOWN
+# the machine's online cores: nproc would report OMP_NUM_THREADS when it is set, and the starting shell's affinity
+# (taskset) otherwise, so a 2-CPU job would stay pending forever on a node declared with 1
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(getconf _NPROCESSORS_ONLN) RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -100,5 +102,6 @@ stop() {
 case $action in
     start) start ;;
     stop) stop ;;
-    *) echo "usage: local_slurm.sh start|stop DIR" >&2; exit 2 ;;
+    config) write_config ;;
+    *) echo "usage: local_slurm.sh start|stop|config DIR" >&2; exit 2 ;;
 esac

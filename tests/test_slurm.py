@@ -41,6 +41,17 @@ def slurm(tmp_path_factory):
         subprocess.run(["bash", str(LAUNCH / "local_slurm.sh"), "stop", str(state)], capture_output=True, timeout=60)
 
 
+@pytest.mark.unit
+def test_the_local_node_declares_every_online_core_even_from_a_pinned_shell(tmp_path):
+    """A 2-CPU job stayed pending for ever when the cluster was started from a `taskset -c 0` shell: nproc
+    honours the affinity (and OMP_NUM_THREADS), so the node was declared with 1 CPU."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(["taskset", "-c", "0", "bash", str(LAUNCH / "local_slurm.sh"), "config", str(tmp_path)],
+                   check=True, env=env, timeout=30)
+    declared = re.search(r"^NodeName=localhost .*\bCPUs=(\d+)", (tmp_path / "slurm.conf").read_text(), re.M)
+    assert declared and int(declared.group(1)) == os.cpu_count()
+
+
 def slurm_env(conf: str, **extra) -> dict:
     env = dict(os.environ)
     env.update(SLURM_CONF=conf, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
