@@ -5,7 +5,7 @@
 Per (setting, inner steps m, variant), over seeds: test accuracy with the protocol chosen on validation (mean, the
 spread over seeds, and each run's 95% interval over episodes), the paper's protocol (10 steps at the training beta),
 the best validation accuracy, whether validation had plateaued, time to a validation target, and the learned step
-sizes per tensor; then each of the issue's goals met or missed with its figures.
+sizes per tensor; then each of the reproduction's goals met or missed with its figures.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from bench.protocol import PROTOCOL_JSON
 RESULTS_JSON = "results.json"
 PLATEAU_SHARE = 0.2  # validation has plateaued when the last 20% of steps raised the best accuracy by
 PLATEAU_POINTS = 0.5  # less than this many points
-# The issue's goals (reported against, never tuned to): 20w1s sign >= fo + 3 points and >= maml - 1 point at
+# The reproduction's goals (reported against, never tuned to): 20w1s sign >= fo + 3 points and >= maml - 1 point at
 # <= 0.5x maml's time per meta-step; 5w1s every method >= 97%; learned step sizes within 1 point of the grid's beta.
 SIGN_OVER_FO_POINTS = 3.0
 SIGN_UNDER_MAML_POINTS = 1.0

@@ -69,7 +69,8 @@ PRESETS = {
     # The paper's mini-ImageNet / FS-CIFAR100 grid (Table 1, Fig. 1): GPU-sized budgets.
     "images": {"data": "", "settings": "", "steps": {"other": 20000}},
 }
-GRID_FRACTION = 0.25  # each beta-grid run lasts this share of the final run (the fair-grid rule)
+GRID_FRACTION = 0.25  # each beta-grid run lasts this share of the final run: sign learns fastest early, so a short
+# grid run ranks the betas by their first steps, not by where they end
 GRID_SCALES = (0.5, 1.0, 2.0)  # the grid: the method's default beta times these
 
 
@@ -175,8 +176,8 @@ def run_row(setting_dir: Path, algo: str) -> dict | None:
     config = results["config"]
     return {"setting": setting_dir.name, "ways": config["ways"], "shots": config["shots"], "algo": algo,
             "beta": config["inner_lr"], "beta_grid": grid, "steps": config["steps"], "meta_batch": config["meta_batch"],
-            "grid_steps": max((r.get("val_step") or 0 for r in sweep["runs"]), default=0) or None, "train_queries": config["queries"],
-            "train_inner_steps": config["inner_steps"], "test_queries": protocol["queries"],
+            "grid_steps": max((r.get("val_step") or 0 for r in sweep["runs"]), default=0) or None,  # each validated once, at its end
+            "train_queries": config["queries"], "train_inner_steps": config["inner_steps"], "test_queries": protocol["queries"],
             "best_val_accuracy": results["best_val"]["accuracy"], "best_val_step": results["best_val"]["step"],
             "test_accuracy": chosen["accuracy"], "test_ci95": chosen["ci95"], "test_inner_steps": chosen["inner_steps"],
             "test_lr_scale": chosen["lr_scale"], "paper_protocol_accuracy": paper["accuracy"],
