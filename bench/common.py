@@ -26,11 +26,13 @@ def machine_load() -> dict:
 
     busy = []
     try:
-        listing = subprocess.run(["ps", "-eo", "pid,psr,pcpu,comm", "--no-headers"], capture_output=True, text=True,
-                                 timeout=10).stdout.splitlines()
+        lister = subprocess.Popen(["ps", "-eo", "pid,psr,pcpu,comm", "--no-headers"], stdout=subprocess.PIPE,
+                                  text=True)
+        listing = lister.communicate(timeout=10)[0].splitlines()
         for line in listing:
             pid, core, cpu, command = line.split(None, 3)
-            if int(pid) != os.getpid() and float(cpu) > 10:
+            # ps lists itself, at a high share of the few milliseconds it has lived
+            if int(pid) not in (os.getpid(), lister.pid) and float(cpu) > 10:
                 busy.append(f"{command.strip()} (core {core}, {cpu}%)")
     except (OSError, ValueError, subprocess.SubprocessError):
         busy = ["unknown (ps failed)"]

@@ -24,6 +24,19 @@ TARGETS = {"sign/fo": 1.02, "sign/maml@m1": 0.40, "sign/maml@m5": 0.30, "memory 
 
 
 IMPLEMENTATION_ORDER = ["ours", "nchw", "channels_last", "compile", "compile_nchw", "vmap", "reference"]
+# A file counts as measured on an idle machine when its load was recorded before and after, no other process was
+# busy, and the 1-minute load average (which includes the benchmark's own core) stayed below this.
+IDLE_LOAD_1MIN = 1.5
+
+
+def other_busy(load: dict | None) -> list[str]:
+    """The busy processes a load record lists, less the sampler's own `ps` (records before it excluded itself)."""
+    return [p for p in (load or {}).get("busy_processes", []) if not p.startswith("ps (")]
+
+
+def measured_idle(before: dict | None, after: dict | None) -> bool:
+    return (before is not None and after is not None and not other_busy(before) and not other_busy(after)
+            and max(before["load_average_1_5_15min"][0], after["load_average_1_5_15min"][0]) < IDLE_LOAD_1MIN)
 
 
 def mark(value: float, target: float | None) -> str:
@@ -116,13 +129,22 @@ def tables(*paths: str) -> str:
         raise SystemExit("error: give bench.cost JSON files: python -m bench.table bench/results/cost_*.json")
     entries = settings_of(paths)
     machines = {json.dumps(e["machine"], sort_keys=True) for e in entries}
-    out = [f"Machine: {', '.join(sorted(machines))}. Median of the timed steps; ✓/✗ against the targets.", ""]
-    out += ["Machine load while measured (1/5/15-min load averages before -> after; other busy processes):", ""]
-    for name, (before, after) in sorted({e["file"]: e["load"] for e in entries}.items()):
+    out = [f"Machine: {', '.join(sorted(machines))}. Median of the timed steps; ✓/✗ against the targets. Within one "
+           f"file every configuration ran side by side, in interleaved rounds on the same pinned core(s).", ""]
+    loads = dict(sorted({e["file"]: e["load"] for e in entries}.items()))
+    idle = [name for name, (before, after) in loads.items() if measured_idle(before, after)]
+    not_idle = [name for name in loads if name not in idle]
+    out.append(f"Measured on an idle machine (nothing else busy, 1-min load < {IDLE_LOAD_1MIN:g}): "
+               f"{', '.join(idle) or 'none'}. " + (
+                   f"NOT measured on an idle machine (load not recorded, or other work running): "
+                   f"{', '.join(not_idle)}; their absolute times are not idle figures, and they compare with the "
+                   f"other files only through ratios." if not_idle else ""))
+    out += ["", "Machine load while measured (1/5/15-min load averages before -> after; other busy processes):", ""]
+    for name, (before, after) in loads.items():
         if before is None:
             out.append(f"- {name}: not recorded (measured before load was recorded)")
             continue
-        busy = sorted(set(before["busy_processes"]) | set(after["busy_processes"] if after else []))
+        busy = sorted(set(other_busy(before)) | set(other_busy(after)))
         out.append(f"- {name}: {before['load_average_1_5_15min']} -> {after['load_average_1_5_15min'] if after else '?'}"
                    f" on {before['cpu_cores']} cores, pinned to {before['pinned_to_cores']}; busy: "
                    f"{', '.join(busy) if busy else 'nothing else'}")

@@ -208,3 +208,25 @@ def test_finished_stages_are_skipped_and_stale_tests_redone(tmp_path, monkeypatc
     (run / "results.json").unlink()
     reproduce.train_final(run, "maml", 0.2, 100, 5, {"ways": 20}, sys.executable, {})
     assert "--resume=True" in commands[-1] and "--eval_every=20" in commands[-1] and "--ways=20" in commands[-1]
+
+
+def test_the_cost_table_header_says_which_files_were_measured_on_an_idle_machine(tmp_path):
+    from bench.table import tables
+
+    def load(one_minute, busy=()):
+        return {"load_average_1_5_15min": [one_minute, 1.0, 1.0], "cpu_cores": 2, "pinned_to_cores": [0],
+                "busy_processes": list(busy)}
+
+    files = {"idle.json": (load(1.0), load(1.1, ["ps (core 0, 100%)"])),  # the sampler's own ps does not count
+             "shared.json": (load(1.0), load(1.2, ["python (core 1, 95.8%)"])),
+             "loaded.json": (load(6.0), load(5.0)), "old.json": (None, None)}
+    for name, (before, after) in files.items():
+        (tmp_path / name).write_text(json.dumps({"machine": {"device": "cpu"}, "load_before": before,
+                                                 "load_after": after, "settings": [
+            cost_entry(5, 1, 1, 32, {"sign@ours": 650, "sign@reference": 1000})]}))
+    text = tables(*(str(tmp_path / name) for name in files))
+    assert "Measured on an idle machine (nothing else busy, 1-min load < 1.5): idle.json." in text
+    assert ("NOT measured on an idle machine (load not recorded, or other work running): loaded.json, old.json, "
+            "shared.json;") in text
+    assert "- idle.json: [1.0, 1.0, 1.0] -> [1.1, 1.0, 1.0] on 2 cores, pinned to [0]; busy: nothing else" in text
+    assert "- shared.json: [1.0, 1.0, 1.0] -> [1.2, 1.0, 1.0] on 2 cores, pinned to [0]; busy: python (core 1" in text
