@@ -228,13 +228,13 @@ class Engine:
         makes it non-finite (NaN and inf survive the sum): every rank reaches the same verdict from its own
         gradients, so a healthy step costs no collective. Only a bad step votes, to name the rank. Without
         gradients (DeepSpeed: its optimizer runs inside backward) the ranks vote on the loss every step."""
-        loss_bad = not bool(torch.isfinite(loss.detach()).all())
         grad_bad = False
         if optimizer is not None:
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            grad_bad = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-            if not grad_bad:
-                return None  # the same verdict on every rank: nothing to agree on
+            if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+                return None  # the same verdict on every rank: nothing to agree on (one host sync per healthy step)
+            grad_bad = True
+        loss_bad = not bool(torch.isfinite(loss.detach()).all())
         votes = torch.tensor([self.rank if loss_bad else self.world_size, self.rank if grad_bad else self.world_size])
         if self._control is not None:
             with self.naming_lost_peers("the non-finite vote"):
