@@ -31,7 +31,7 @@ import fire
 from bench.common import machine_load
 from bench.protocol import PROTOCOL_JSON
 from bench.reproduce import GRID_SCALES, ReproduceError, choose_beta, grid_for, grid_steps_for, test_final, train_final
-from dist_signmaml.artifacts import RESULTS_JSON
+from dist_signmaml.artifacts import CONFIG_JSON, RESULTS_JSON
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR, REPO_ROOT
 
 RESULTS = REPO_ROOT / "bench" / "results" / "fidelity"
@@ -60,12 +60,17 @@ def parse_run(spec: str) -> dict:
             "variant": algo + suffix}
 
 
-def run_options(run: dict, eval_episodes: int) -> dict:
-    """The training options of a run besides beta, steps and out (bench.reproduce sets those)."""
+def run_options(run: dict, eval_episodes: int, started: Path | None = None) -> dict:
+    """The training options of a run besides beta, steps and out (bench.reproduce sets those). Validation ranks the
+    kept weights by the best of 1-10 test steps (--val_select any_steps), since the protocol is chosen afterwards;
+    a run `started` (its final run's config.json) before that option existed resumes as it began."""
+    val_select = "any_steps"
+    if started is not None and (started / CONFIG_JSON).is_file():
+        val_select = json.loads((started / CONFIG_JSON).read_text()).get("val_select", "test_steps")
     return {"ways": run["ways"], "shots": run["shots"], "queries": 1, "inner_steps": run["inner_steps"],
             "test_inner_steps": 10, "seed": run["seed"], "eval_episodes": eval_episodes, "log_every": 50,
             "data": str(DEFAULT_DATA), "learn_inner_lr": "layer_step" if run["learned"] else "none",
-            "multi_step_loss": run["multi_step_loss"]}
+            "multi_step_loss": run["multi_step_loss"], "val_select": val_select}
 
 
 def beta_for(run: dict, steps: int, work: Path, common: dict, env: dict) -> tuple[float, list[dict]]:
@@ -92,7 +97,7 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
         full_steps = steps or STEPS[run["setting"]]
         run_dir = Path(work) / run["name"]
         load_before = machine_load()
-        common = run_options(run, eval_episodes)
+        common = run_options(run, eval_episodes, started=run_dir / "final")
         beta, grid = beta_for(run, full_steps, run_dir, common, THREAD_ENV)
         print(f"{run['name']}: beta {beta:g}, training {full_steps} steps in {run_dir}", flush=True)
         train_final(run_dir / "final", run["algo"], beta, full_steps, VALIDATIONS, common, shlex.quote(sys.executable),

@@ -24,10 +24,9 @@ from dist_signmaml.config import TrainConfig
 from dist_signmaml.data import EpisodeShape, fixed_episodes
 from dist_signmaml.artifacts import load_learner_weights, read_metadata
 from dist_signmaml.evaluate import weights_file
-from dist_signmaml.metatest import EVALUATION_SEED, confidence_interval
+from dist_signmaml.metatest import EVALUATION_SEED, STEP_COUNTS, confidence_interval
 
 PROTOCOL_JSON = "protocol.json"
-TEST_STEPS = (1, 2, 3, 5, 10, 20)  # inner-step counts a protocol may choose from
 LR_SCALES = (0.5, 1.0, 2.0)  # test-time multipliers of the (fixed or learned) betas
 PAPER_CELL = (10, 1.0)  # the paper's test protocol: 10 inner steps at the training beta
 
@@ -45,7 +44,7 @@ def load_learner(run_dir: Path, weights: str = "best"):
 
 
 def split_curves(learner, split_dir: Path, shape: EpisodeShape, episodes: int, scales=LR_SCALES,
-                 max_steps: int = max(TEST_STEPS), batch: int = 4) -> dict[float, torch.Tensor]:
+                 max_steps: int = max(STEP_COUNTS), batch: int = 4) -> dict[float, torch.Tensor]:
     """{scale: [episodes, max_steps + 1] accuracy after 0..max_steps inner steps} on fixed episodes (seed 2021)."""
     curves = {scale: [] for scale in scales}
     for tasks in fixed_episodes(split_dir, shape, range(episodes), seed=EVALUATION_SEED, tasks_per_batch=batch):
@@ -54,7 +53,7 @@ def split_curves(learner, split_dir: Path, shape: EpisodeShape, episodes: int, s
     return {scale: torch.cat(parts) for scale, parts in curves.items()}
 
 
-def grid_scores(curves: dict[float, torch.Tensor], steps=TEST_STEPS) -> list[dict]:
+def grid_scores(curves: dict[float, torch.Tensor], steps=STEP_COUNTS) -> list[dict]:
     """Mean accuracy and 95% CI of every (steps, scale) cell."""
     cells = []
     for scale, curve in curves.items():
@@ -87,7 +86,7 @@ def score_run(run_dir: str | Path, *, val_episodes: int = 300, test_episodes: in
     scales = sorted({chosen["lr_scale"], PAPER_CELL[1]})
     test_curves = split_curves(learner, data / "test", shape, test_episodes, scales=scales,
                                max_steps=max(chosen["inner_steps"], PAPER_CELL[0]))
-    test = grid_scores(test_curves, steps=[s for s in TEST_STEPS if s <= max(chosen["inner_steps"], PAPER_CELL[0])])
+    test = grid_scores(test_curves, steps=[s for s in STEP_COUNTS if s <= max(chosen["inner_steps"], PAPER_CELL[0])])
     result = {"run": str(run_dir), "weights": weights, "weights_step": metadata.get("step"),
               "val_episodes": val_episodes, "test_episodes": test_episodes, "queries": shape.queries,
               "val_grid": val, "chosen": {"inner_steps": chosen["inner_steps"], "lr_scale": chosen["lr_scale"]},

@@ -14,7 +14,10 @@ the hypervisor), and a synchronous 2-rank step goes at the pace of the slower co
 reach is bound = 2 x (slower copy's tasks/s) / (1 rank alone's tasks/s); `efficiency_vs_bound` = speedup / bound
 (goal >= 0.95). What the rest costs is measured per rank: the all-reduce twice, inside DDP (a comm hook timing each
 bucket from launch to completion, so it includes waiting for the slower rank) and alone (the same number of bytes
-all-reduced after a barrier), and the stop vote (Engine.any_rank, one small all-reduce per training step) alone.
+all-reduced after a barrier), and the stop vote (Engine.any_rank, one small all-reduce per training step) alone;
+and the same steps under DDP's no_sync (no all-reduce at all), which splits the 2-rank step into the ranks' compute
+and what communication adds. The 2-rank run is also repeated with each rank pinned to its own core
+(`two_ranks_pinned_one_core_each`, `--cores`), as the independent copies are: the launcher pins nothing.
 The loader is not in the loop (episodes are drawn before it), so none of the gap is the loader's.
 `cpu_share_per_rank` (CPU time / wall time) shows whether a rank had
 its core to itself; `cpu_time_efficiency_two_vs_one` compares tasks per CPU-second, which other load on the
@@ -48,6 +51,8 @@ def worker(args) -> None:
     from dist_signmaml.engine import Engine
 
     torch.set_num_threads(1)
+    if args.pin_ranks:  # each rank on its own core, as the independent copies are (the launcher pins nothing)
+        os.sched_setaffinity(0, {int(args.pin_ranks.split(",")[int(os.environ.get("LOCAL_RANK", 0))])})
     engine = Engine(args.out, seed=0, log_with=None)
     tasks = engine.tasks_per_rank(args.meta_batch)
     shape = EpisodeShape(args.ways, args.shots, args.queries)
@@ -93,6 +98,15 @@ def worker(args) -> None:
               "cpu_share_per_rank": [round(share, 3) for share in cpu_share],
               "stop_vote_seconds_per_step": stop_vote_seconds}
     if engine.world_size > 1:
+        # The same steps with DDP's all-reduce switched off (no_sync): what the ranks' compute alone takes while
+        # both cores are busy, so the step's time splits into compute and communication (including the wait).
+        engine.wait()
+        unsynced = time.perf_counter()
+        with prepared.no_sync():
+            for batch in batches[args.warmup:]:
+                engine.meta_step(prepared, optimizer, batch)
+        engine.wait()
+        result["seconds_per_step_without_allreduce"] = (time.perf_counter() - unsynced) / args.steps
         step_bytes = sum(size for _, size in buckets) / args.steps
         flat = torch.zeros(int(step_bytes) // 4)
         engine.wait()
@@ -109,9 +123,10 @@ def worker(args) -> None:
     engine.end()
 
 
-def launch(world: int, args, out: Path, core: int | None = None, wait: bool = True):
-    """`accelerate launch` of `world` ranks (the 1-rank run pinned to `core` when given): its result, or with
-    wait=False the running process and where its result will be."""
+def launch(world: int, args, out: Path, core: int | None = None, wait: bool = True, pin_ranks: str = ""):
+    """`accelerate launch` of `world` ranks (the 1-rank run pinned to `core` when given; `pin_ranks` "0,1": rank r
+    pins itself to the r-th core): its result, or with wait=False the running process and where its result will
+    be."""
     preset = "cpu_1proc.yaml" if world == 1 else "cpu_2proc.yaml"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     env.pop("ACCELERATE_USE_CPU", None)
@@ -120,7 +135,8 @@ def launch(world: int, args, out: Path, core: int | None = None, wait: bool = Tr
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO_ROOT / "launch" / preset),
                "--num_processes", str(world), __file__, "--worker", "--out", str(out), "--data", args.data,
                "--meta_batch", str(args.meta_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--ways", str(args.ways), "--shots", str(args.shots), "--queries", str(args.queries)]
+               "--ways", str(args.ways), "--shots", str(args.shots), "--queries", str(args.queries),
+               "--pin_ranks", pin_ranks]
     if world > 1:
         command[3:3] = ["--main_process_port", str(29600 + os.getpid() % 1000)]
     if core is not None:
@@ -154,6 +170,7 @@ def main():
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--cores", default="0,1", help="the two cores the independent copies are pinned to "
                         "(a dry run on one free core: 0,0; the bound is then meaningless)")
+    parser.add_argument("--pin_ranks", default="", help=argparse.SUPPRESS)  # worker: cores of the ranks, in order
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="worker: its result folder; main: also write the JSON to this file")
     args = parser.parse_args()
@@ -170,6 +187,7 @@ def main():
         one = launch(1, args, Path(scratch, "one"), core=cores[0])
         copies = independent_copies(args, Path(scratch), cores)
         two = launch(2, args, Path(scratch, "two"))
+        pinned = launch(2, args, Path(scratch, "two_pinned"), pin_ranks=args.cores)
     speedup = two["tasks_per_second"] / one["tasks_per_second"]
     bound = 2 * min(copy["tasks_per_second"] for copy in copies) / one["tasks_per_second"]
     # Tasks per CPU-second, summed over ranks: the work the 2-rank run adds (communication, duplicated overhead),
@@ -180,10 +198,14 @@ def main():
                       "episode": f"{args.ways}-way {args.shots}-shot {args.queries} queries", "global_meta_batch":
                       args.meta_batch, "timed_steps": args.steps, "cpu_cores": os.cpu_count(),
                       "load_before": load_before, "load_after": machine_load(), "cores": cores,
-                      "one_rank": one, "independent_copies": copies, "two_ranks": two, "speedup": round(speedup, 3),
+                      "one_rank": one, "independent_copies": copies, "two_ranks": two,
+                      "two_ranks_pinned_one_core_each": pinned, "speedup": round(speedup, 3),
+                      "speedup_pinned": round(pinned["tasks_per_second"] / one["tasks_per_second"], 3),
                       "target_speedup": 1.8, "meets_target": speedup >= 1.8,
                       "bound_speedup": round(bound, 3), "efficiency_vs_bound": round(speedup / bound, 3),
                       "efficiency_goal": 0.95,
+                      "efficiency_vs_bound_pinned": round(pinned["tasks_per_second"] / one["tasks_per_second"]
+                                                          / bound, 3),
                       "cpu_time_efficiency_two_vs_one": round(per_cpu["two"] / per_cpu["one"], 3)}, indent=1)
     print(text)
     if args.out:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dist_signmaml.algorithms.learner import LEARNED_STEP_SIZES, TASK_PARALLEL_MODES
 from dist_signmaml.algorithms.rules import ALGORITHMS
+from dist_signmaml.metatest import STEP_COUNTS, VAL_SELECTS
 from dist_signmaml.optim import OUTER_LR_SCHEDULES
 from dist_signmaml.profiling import normalize_profile_steps, parse_profile_steps
 from dist_signmaml.trackers import check_log_with, normalize_log_with
@@ -93,7 +94,7 @@ class TrainConfig:
     adapt: str = _field("all", "parameters the inner loop adapts: all | head (ANIL-style) | last:K (last K blocks + head)")
     precision: str = _field("fp32", "fp32 | bf16 (torch.autocast in the backbone's forward, CPU and CUDA; weights stay fp32)")
     channels_last: bool | str = _field("auto", "NHWC end to end (weights, images, gradients): true | false | auto "
-                                                "(channels-last on CPU, where it measured faster; the choice is logged)")
+                                                "(channels-last on CPU, where it measured faster or level; the choice is logged)")
     compile: bool = _field(False, "torch.compile the per-task inner loop + query loss (first steps are slow: compilation)")
     compile_backend: str = _field("inductor", "torch.compile backend for --compile")
     activation_checkpointing: bool = _field(False, "recompute block activations in backward (query forwards in the task loop)")
@@ -114,6 +115,10 @@ class TrainConfig:
                                          "count in TensorBoard data/bad_samples_skipped)")
     eval_episodes: int = _field(100, "fixed val-split episodes per validation; the best weights by val accuracy are kept (0 = no validation)")
     eval_every: int = _field(100, "meta-steps between validations (one also runs at the last step; 0 = only then)")
+    val_select: str = _field("test_steps", "what ranks validations for the kept weights: test_steps (accuracy after "
+                                           "--test_inner_steps steps) | any_steps (the best after any of "
+                                           f"{', '.join(map(str, STEP_COUNTS))} steps up to --test_inner_steps, from "
+                                           "one pass; for runs whose test protocol is chosen afterwards)")
     test_episodes: int = _field(200, "fixed test-split episodes scored at the end with the best weights (0 = skip; paper: 1000)")
     zero_stage: int = _field(0, "0 = DDP; 1 or 2 = DeepSpeed ZeRO stage (launch with `accelerate launch --use_deepspeed`)")
     dist_timeout: float = _field(300.0, "seconds a collective waits for a dead or hung rank before the run fails")
@@ -184,6 +189,7 @@ class TrainConfig:
         need(not (self.overwrite and self.resume), "overwrite", "False with --resume (resume keeps the run, "
              "--overwrite deletes it)")
         need(self.on_nonfinite in NONFINITE_POLICIES, "on_nonfinite", " or ".join(NONFINITE_POLICIES))
+        need(self.val_select in VAL_SELECTS, "val_select", " or ".join(VAL_SELECTS))
         need(isinstance(self.out, str) and self.out.strip() != "", "out", "a run directory path")
         need(self.class_sampling in ("balanced", "proportional"), "class_sampling", "balanced or proportional")
         need(self.on_bad_sample in ("error", "skip"), "on_bad_sample", "error or skip")

@@ -1,6 +1,7 @@
 """Meta-test: the training inner loop (MetaLearner.forward under no_grad) on fixed episodes, mean ± 95% CI.
 
     python -m dist_signmaml.evaluate runs/latest                      # 1000 test episodes, 10 inner steps
+    python -m dist_signmaml.evaluate runs/latest --step_counts 1,2,5  # also after 1, 2 and 5 steps, same pass
     accelerate launch -m dist_signmaml.evaluate runs/latest --shots 5 # episodes split over the ranks
     python -m dist_signmaml.evaluate --help
 """
@@ -64,12 +65,15 @@ def split_directory(data: str | Path, split: str) -> Path:
 def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, shots: int = 0, queries: int = 0,
              episodes: int = 1000, inner_steps: int = 10, algo: str = "", inner_lr: float = 0.0,
              weights: str = "best", seed: int = EVALUATION_SEED, batch: int = 4, task_parallel: str = "auto",
-             out: str = "") -> dict:
-    """Meta-test exported weights on fixed episodes; every rank scores its share, rank 0 writes the JSON."""
+             step_counts=(), out: str = "") -> dict:
+    """Meta-test exported weights on fixed episodes; every rank scores its share, rank 0 writes the JSON.
+    `step_counts`: also the accuracy after each of these inner-step counts, from the same adaptation pass."""
     file = weights_file(path, weights)
     metadata = read_metadata(file)
     trained = dict(metadata["config"])
-    for flag, value in (("episodes", episodes), ("inner_steps", inner_steps), ("batch", batch)):
+    step_counts = (step_counts,) if isinstance(step_counts, int) else tuple(step_counts or ())
+    for flag, value in (("episodes", episodes), ("inner_steps", inner_steps), ("batch", batch),
+                        *(("step_counts", count) for count in step_counts)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise EvaluationError(f"--{flag}={value!r} is invalid: expected a positive integer")
     if algo and algo not in ALGORITHMS:
@@ -109,7 +113,8 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
     learner.to(engine.device)
     check_split_fits(split_dir, shape, episodes)  # the expected input error; anything meta_test raises after it is a bug
     result = meta_test(learner, engine, split_dir, shape, episodes=episodes, inner_steps=inner_steps, seed=seed,
-                       tasks_per_batch=batch, desc=f"evaluate {Path(split).name}", announce_eta=True)
+                       tasks_per_batch=batch, desc=f"evaluate {Path(split).name}", announce_eta=True,
+                       step_counts=step_counts)
     result |= {"split": Path(split).name, "split_dir": str(split_dir), "weights": str(file), "algo": config.algo,
                "inner_lr": config.inner_lr, "ways": config.ways, "shots": config.shots, "queries": config.queries,
                "seed": seed, "world_size": engine.world_size, "trained_steps": metadata.get("step", trained["steps"])}
@@ -120,6 +125,9 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
     engine.print0(f"{result['split']} {config.ways}-way {config.shots}-shot, {config.algo} (beta={config.inner_lr:g}, "
                   f"{inner_steps} inner steps), {file}: {100 * result['accuracy']:.2f} ± {100 * result['ci95']:.2f}% "
                   f"over {result['episodes']} episodes -> {out_file}")
+    for score in result.get("by_steps", []):
+        engine.print0(f"  after {score['inner_steps']:>2} inner steps: {100 * score['accuracy']:.2f} ± "
+                      f"{100 * score['ci95']:.2f}%")
     return result
 
 
@@ -191,6 +199,8 @@ def main(path: str = "", **options) -> None:
       seed: seed of the fixed episodes (default 2021, shared by validation and test during training)
       batch: episodes per forward pass on each rank (default 4; does not change the numbers)
       task_parallel: auto | loop | vmap (default auto)
+      step_counts: also score after each of these inner-step counts, e.g. 1,2,5, from the same adaptation pass
+        (default: none; JSON "by_steps" and "best_steps")
       out: JSON file to write (default: next to the weights,
         eval_<split>_<algo>_<W>w<S>s_<steps>steps_<best|final>_<N>ep.json; never replacing another result)
     """

@@ -15,6 +15,7 @@ on the main process only):
     data/bad_samples_skipped                                   with --on_bad_sample skip: skipped samples (rank 0; every rank reads the whole split)
     train/nonfinite_steps_skipped                              with --on_nonfinite skip_step: updates not applied
     val/accuracy, val/ci95, test/accuracy, test/ci95           fixed-episode meta-test, mean and 95% half-width
+    val/accuracy_<k>_steps                                     with --val_select any_steps: after k inner steps
     final/best_val_accuracy, final/test_accuracy, final/test_ci95, final/seconds_per_meta_iteration   at the last step
     TensorBoard only: text config; images episode/support, episode/query; hparams (run "final") with the final metrics
 """
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from dist_signmaml.artifacts import (BEST_WEIGHTS, FINAL_WEIGHTS, RESULTS_JSON, RESULTS_MD, atomic_write_text,
                                      load_learner_weights)
-from dist_signmaml.metatest import EVALUATION_SEED, meta_test
+from dist_signmaml.metatest import EVALUATION_SEED, STEP_COUNTS, meta_test, selected_score
 
 PHASES = ("data_wait", "inner_loop", "outer_backward", "optimizer_step")
 # Shown by TensorBoard with the scalar (the card's description) for tags whose values look wrong but are not.
@@ -232,13 +233,19 @@ def log_config_text(engine, config_json: str, step: int = 0) -> None:
 class Validator:
     """Meta-tests the val split's fixed episodes on its own cadence (every `every` steps and at the last step;
     every=0: only at the last step) and keeps the weights with the best val accuracy, in memory and as
-    OUT/model_best.safetensors (same format as model.safetensors, plus the step and the val result)."""
+    OUT/model_best.safetensors (same format as model.safetensors, plus the step and the val result).
+
+    `select`: test_steps ranks validations by the accuracy after `inner_steps` inner steps (the protocol the final
+    test uses); any_steps by the best accuracy after any of STEP_COUNTS up to `inner_steps`, all from one adaptation
+    pass. any_steps is for runs whose test protocol is chosen afterwards: a rule trained for one large step (sign at
+    m = 1) can peak after 1 test step and overshoot by 10, and ranking it at 10 would keep the wrong weights."""
 
     def __init__(self, engine, split_dir, shape, *, episodes: int, every: int, last_step: int, inner_steps: int,
-                 tasks_per_batch: int, out_dir, export_metadata: dict):
+                 tasks_per_batch: int, out_dir, export_metadata: dict, select: str = "test_steps"):
         self.engine, self.split_dir, self.shape = engine, split_dir, shape  # a Path, or a storage.Url
         self.episodes, self.every, self.last_step = int(episodes), int(every), int(last_step)
         self.inner_steps, self.tasks_per_batch = int(inner_steps), int(tasks_per_batch)
+        self.step_counts = tuple(c for c in STEP_COUNTS if c <= self.inner_steps) if select == "any_steps" else ()
         self.best_path = Path(out_dir) / BEST_WEIGHTS
         self.export_metadata = export_metadata
         self.history: list[dict] = []
@@ -251,17 +258,19 @@ class Validator:
     def validate(self, learner, step: int) -> dict:
         result = meta_test(learner, self.engine, self.split_dir, self.shape, episodes=self.episodes,
                            inner_steps=self.inner_steps, seed=EVALUATION_SEED, tasks_per_batch=self.tasks_per_batch,
-                           desc=f"val@{step}") | {"step": step}
+                           desc=f"val@{step}", step_counts=self.step_counts) | {"step": step}
         self.history.append(result)
-        self.engine.log({"val/accuracy": result["accuracy"], "val/ci95": result["ci95"]}, step=step)
-        improved = self.best is None or result["accuracy"] > self.best["accuracy"]
+        self.engine.log({"val/accuracy": result["accuracy"], "val/ci95": result["ci95"]}
+                        | {f"val/accuracy_{s['inner_steps']}_steps": s["accuracy"] for s in result.get("by_steps", [])},
+                        step=step)
+        improved = self.best is None or selected_score(result)["accuracy"] > selected_score(self.best)["accuracy"]
         if improved:
             self.best = result
             own = self.engine.unwrap(learner)
             self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in own.state_dict().items()}
             self.engine.export(learner, self.best_path, self.export_metadata | {"step": step, "val": result})
-        self.engine.print0(f"step {step}: val {percent(result)} over {result['episodes']} episodes"
-                           + (" (best so far)" if improved else f" (best {percent(self.best)} at step {self.best['step']})"))
+        self.engine.print0(f"step {step}: val {describe(result)} over {result['episodes']} episodes"
+                           + (" (best so far)" if improved else f" (best {describe(self.best)} at step {self.best['step']})"))
         return result
 
     def restore_best(self, learner) -> int | None:
@@ -285,6 +294,14 @@ class Validator:
 
 def percent(result: dict) -> str:
     return f"{100 * result['accuracy']:.2f} ± {100 * result['ci95']:.2f}%"
+
+
+def describe(result: dict) -> str:
+    """A validation result as printed: its accuracy, and the best step count's when it scored several."""
+    if "best_steps" not in result:
+        return percent(result)
+    return f"{percent(result)} at {result['inner_steps']} steps, {percent(result['best_steps'])} at " \
+           f"{result['best_steps']['inner_steps']}"
 
 
 def final_test(learner, engine, validator: Validator, split_dir, shape, *, episodes: int, inner_steps: int,

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from dist_signmaml.artifacts import RESULTS_JSON, TRAIN_LOG
 from dist_signmaml.config import ALGORITHM_FACTS, PAPER_GRIDS, ConfigError, TrainConfig
+from dist_signmaml.metatest import selected_score
 
 ALGORITHMS = tuple(ALGORITHM_FACTS)
 
@@ -97,15 +98,16 @@ def plan(grid, accuracy: dict[float, float], max_extensions: int) -> dict:
 
 def read_accuracies(algo_dir: Path) -> dict[float, dict]:
     """beta -> the best validation result of each finished run under OUT/ALGO (runs without results.json are
-    unfinished and left out)."""
+    unfinished and left out), ranked as the run ranked it (--val_select: at its test steps, or its best count)."""
     found = {}
     for results_file in sorted(algo_dir.glob(f"beta_*/{RESULTS_JSON}")):
         results = json.loads(results_file.read_text())
         if not results.get("best_val"):
             raise SweepError(f"{results_file} has no validation result: sweep runs need --eval_episodes > 0")
         beta = canonical(results["config"]["inner_lr"])
-        found[beta] = {"beta": beta, "val_accuracy": results["best_val"]["accuracy"],
-                       "val_ci95": results["best_val"]["ci95"], "val_step": results["best_val"]["step"],
+        best = selected_score(results["best_val"])
+        found[beta] = {"beta": beta, "val_accuracy": best["accuracy"],
+                       "val_ci95": best["ci95"], "val_step": results["best_val"]["step"],
                        "test_accuracy": (results.get("test") or {}).get("accuracy"),
                        "test_ci95": (results.get("test") or {}).get("ci95"),
                        "seconds_per_meta_iteration": results["seconds_per_meta_iteration"]["mean"],

@@ -75,7 +75,7 @@ def run_training(config: TrainConfig, threads: tuple[int, str]) -> dict:
         validator = Validator(engine, data_root / "val", episode_shape(config), episodes=config.eval_episodes,
                               every=config.eval_every, last_step=config.steps, inner_steps=config.test_inner_steps,
                               tasks_per_batch=engine.tasks_per_rank(config.meta_batch), out_dir=config.out,
-                              export_metadata=export_metadata)
+                              export_metadata=export_metadata, select=config.val_select)
         checkpointer.register(validator=validator, episode_stream=stream)
         profiler = StepProfiler(config.profile_steps, config.out, engine.rank, engine.device, config.steps)
         phase = profiler.phases(monitor.phase)  # the monitor's phase timers, labelled in the profile (--profile_steps)

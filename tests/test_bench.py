@@ -103,3 +103,5 @@ def test_gpu_script_cpu_dry_run_writes_every_part_as_json(tmp_path):
     scaling = json.loads((tmp_path / "scaling.json").read_text())
     assert scaling["two_ranks"]["world_size"] == 2 and len(scaling["independent_copies"]) == 2
     assert scaling["efficiency_vs_bound"] == pytest.approx(scaling["speedup"] / scaling["bound_speedup"], abs=2e-3)
+    for two in (scaling["two_ranks"], scaling["two_ranks_pinned_one_core_each"]):  # compute alone vs with DDP's sync
+        assert 0 < two["seconds_per_step_without_allreduce"] and two["allreduce_buckets_per_step"] >= 1

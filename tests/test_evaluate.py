@@ -54,6 +54,28 @@ def test_evaluate_reproduces_the_runs_test_result(run_dir, tmp_path):
     assert json.loads(out.read_text())["episodes"] == 3
 
 
+def test_step_counts_are_scored_from_one_pass_as_separate_evaluations_would(run_dir, tmp_path):
+    """fo at a large beta, so the accuracy moves from one step count to the next and a curve read at the wrong
+    index would show."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    common = {"episodes": 4, "algo": "fo", "inner_lr": 0.5, "batch": 2}
+    try:
+        curve = evaluate(str(run_dir), inner_steps=3, step_counts=(1, 2), out=str(tmp_path / "curve.json"), **common)
+        separate = {k: evaluate(str(run_dir), inner_steps=k, out=str(tmp_path / f"{k}.json"), **common)
+                    for k in (1, 2, 3)}
+    finally:
+        torch.set_num_threads(threads)
+    assert [s["inner_steps"] for s in curve["by_steps"]] == [1, 2, 3]
+    assert len({separate[k]["accuracy"] for k in (1, 2, 3)}) > 1, "the counts must differ for the test to mean much"
+    for score in curve["by_steps"]:
+        alone = separate[score["inner_steps"]]
+        assert (score["accuracy"], score["ci95"]) == pytest.approx((alone["accuracy"], alone["ci95"]), abs=1e-12)
+    assert curve["accuracy"] == pytest.approx(separate[3]["accuracy"], abs=1e-12)
+    best = max(curve["by_steps"], key=lambda s: (s["accuracy"], -s["inner_steps"]))
+    assert curve["best_steps"] == best
+
+
 def test_weights_choice(run_dir, tmp_path):
     assert weights_file(run_dir).name == "model_best.safetensors"
     assert weights_file(run_dir, "final").name == "model.safetensors"
@@ -64,7 +86,7 @@ def test_weights_choice(run_dir, tmp_path):
 
 def test_two_processes_report_exactly_the_numbers_of_one(run_dir, tmp_path, subprocess_env):
     """5 episodes over 2 ranks (3 + 2, so the gather pads one rank) against the same 5 in one process."""
-    common = [str(run_dir), "--episodes", "5", "--inner_steps", "2", "--batch", "2"]
+    common = [str(run_dir), "--episodes", "5", "--inner_steps", "2", "--batch", "2", "--step_counts", "1,2"]
     single = subprocess.run([PYTHON, "-m", "dist_signmaml.evaluate", *common, "--out", str(tmp_path / "one.json")],
                             capture_output=True, text=True, env=subprocess_env, timeout=300, cwd=REPO_ROOT)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -77,7 +99,7 @@ def test_two_processes_report_exactly_the_numbers_of_one(run_dir, tmp_path, subp
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert (one["world_size"], two["world_size"]) == (1, 2)
-    for key in ("accuracy", "ci95", "episodes"):
+    for key in ("accuracy", "ci95", "episodes", "by_steps"):  # by_steps: the [episodes, counts] gather
         assert one[key] == two[key], key
     line = [text for text in single.stdout.replace("\r", "\n").splitlines() if " over 5 episodes" in text]
     assert line and f"{100 * one['accuracy']:.2f} ± {100 * one['ci95']:.2f}%" in line[0], single.stdout[-2000:]
@@ -90,6 +112,7 @@ def test_two_processes_report_exactly_the_numbers_of_one(run_dir, tmp_path, subp
     ("RUN", {"episodes": 0}, "--episodes=0"),
     ("RUN", {"algo": "reptile"}, "--algo='reptile'"),
     ("RUN", {"weights": "newest"}, "--weights='newest'"),
+    ("RUN", {"step_counts": (1, 0)}, "--step_counts=0"),
     ("RUN", {"bogus": 1}, "--bogus"),
     ("RUN/config.json", {}, "not a readable safetensors file"),
 ])

@@ -7,7 +7,8 @@ import torch
 
 from bench.fidelity import FidelityError, parse_run
 from bench.fidelity_summary import goals, group_rows, markdown, plateau_gain, time_to_target
-from bench.protocol import PAPER_CELL, TEST_STEPS, cell, choose_cell, grid_scores
+from bench.protocol import PAPER_CELL, cell, choose_cell, grid_scores
+from dist_signmaml.metatest import STEP_COUNTS
 
 pytestmark = pytest.mark.unit
 
@@ -30,7 +31,7 @@ def test_grid_scores_every_cell_from_one_curve_per_scale_and_the_choice_prefers_
     curves = {1.0: peak_at_3.expand(4, -1), 0.5: (0.6 + 0.2 * (steps >= 5).double()).expand(4, -1),
               2.0: torch.full((4, 21), 0.3, dtype=torch.float64)}
     cells = grid_scores(curves)
-    assert len(cells) == 3 * len(TEST_STEPS)
+    assert len(cells) == 3 * len(STEP_COUNTS)
     assert cell(cells, 3, 1.0)["accuracy"] == pytest.approx(0.8) and cell(cells, 3, 1.0)["ci95"] == 0.0
     assert cell(cells, *PAPER_CELL)["accuracy"] == pytest.approx(0.8 - 0.07)
     chosen = choose_cell(cells)
@@ -45,10 +46,24 @@ def test_plateau_and_time_to_target_read_the_validation_history():
     assert time_to_target(history, 0.9, 0.2) == {"step": None, "seconds": None}
 
 
-def record(seed, accuracy, paper, sizes=None, variant="sign-lsl", seconds=0.3, reach_step=100, setting="20w1s"):
+def test_a_history_ranked_over_step_counts_is_read_at_its_best_count():
+    """--val_select any_steps: 'accuracy' stays at the test steps; the plateau and the target read best_steps."""
+    def entry(step, at_ten, best):
+        return {"step": step, "accuracy": at_ten, "best_steps": {"inner_steps": 1, "accuracy": best, "ci95": 0.01}}
+
+    history = [entry(100, 0.40, 0.70), entry(200, 0.45, 0.78), entry(300, 0.50, 0.79)]
+    assert time_to_target(history, 0.75, 0.5) == {"step": 200, "seconds": pytest.approx(100.0)}
+    assert plateau_gain(history, 300) == pytest.approx(100 * (0.79 - 0.78))
+    rows = group_rows([record(0, 0.8, 0.7, val_select="any_steps"), record(1, 0.8, 0.7)])
+    assert sorted(r["val_ranking"] for r in rows) == ["10 steps", "best of 1–10 steps"], "rows are not mixed"
+
+
+def record(seed, accuracy, paper, sizes=None, variant="sign-lsl", seconds=0.3, reach_step=100, setting="20w1s",
+           val_select="test_steps"):
     return {"setting": setting, "inner_steps": 1, "variant": variant, "seed": seed, "algo": variant.split("-")[0],
             "learned": "-lsl" in variant,
-            "results": {"steps": 100, "config": {"inner_lr": 0.005}, "best_val": {"accuracy": accuracy + 0.01},
+            "results": {"steps": 100, "config": {"inner_lr": 0.005, "test_inner_steps": 10, "val_select": val_select},
+                        "best_val": {"accuracy": accuracy + 0.01},
                         "seconds_per_meta_iteration": {"mean": seconds},
                         "val_history": [{"step": 50, "accuracy": 0.7}, {"step": reach_step, "accuracy": 0.76}],
                         "inner_lr_learned": sizes},

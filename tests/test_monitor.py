@@ -126,3 +126,52 @@ def test_components_decide_their_own_cadence():
     monitor = TrainMonitor(Quiet(), log_every=4, last_step=10, first_step=0, meta_batch=4, inner_lr=0.1, optimizer=None)
     assert [s for s in range(1, 11) if monitor.should_log(s)] == [4, 8, 10]
     monitor.close()
+
+
+class RecordingEngine:
+    """What Validator.validate needs of the engine: logging, printing and exporting are recorded, not done."""
+    def __init__(self):
+        self.logged, self.exported = [], []
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+    def print0(self, *args):
+        pass
+
+    def unwrap(self, learner):
+        return learner
+
+    def export(self, learner, path, metadata):
+        self.exported.append(metadata["step"])
+
+
+@pytest.mark.parametrize("select,kept_step", [("test_steps", 2), ("any_steps", 1)])
+def test_validation_keeps_the_weights_its_selection_ranks_best(monkeypatch, tmp_path, select, kept_step):
+    """Step 1's weights peak after 1 inner step (90%) and overshoot by 10 (40%); step 2's score 60% after 10 and
+    50% after 1. At the paper's 10 steps step 2 wins; over any step count step 1 does."""
+    import dist_signmaml.monitor as monitor_module
+
+    scripted = {1: {1: 0.9, 2: 0.7, 3: 0.6, 5: 0.5, 10: 0.4}, 2: {1: 0.5, 2: 0.55, 3: 0.58, 5: 0.59, 10: 0.6}}
+    asked = []
+
+    def fake_meta_test(learner, engine, split_dir, shape, *, inner_steps, step_counts, desc, **kw):
+        step = int(desc.split("@")[1])
+        asked.append(tuple(step_counts))
+        by_steps = [{"inner_steps": k, "accuracy": a, "ci95": 0.01} for k, a in scripted[step].items()]
+        result = {"accuracy": scripted[step][inner_steps], "ci95": 0.01, "episodes": 10, "inner_steps": inner_steps}
+        if step_counts:
+            result |= {"by_steps": by_steps, "best_steps": max(by_steps, key=lambda s: s["accuracy"])}
+        return result
+
+    monkeypatch.setattr(monitor_module, "meta_test", fake_meta_test)
+    engine = RecordingEngine()
+    validator = Validator(engine, ".", None, episodes=10, every=1, last_step=2, inner_steps=10, tasks_per_batch=1,
+                          out_dir=tmp_path, export_metadata={}, select=select)
+    learner = torch.nn.Linear(2, 2)
+    for step in (1, 2):
+        validator.validate(learner, step)
+    assert validator.best["step"] == kept_step and engine.exported[-1] == kept_step
+    assert asked == [(1, 2, 3, 5, 10)] * 2 if select == "any_steps" else asked == [()] * 2
+    if select == "any_steps":
+        assert engine.logged[0][1]["val/accuracy_1_steps"] == 0.9 and engine.logged[0][1]["val/accuracy"] == 0.4

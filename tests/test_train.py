@@ -104,6 +104,7 @@ def test_tensorboard_has_train_scalars_and_hparams(tmp_path, omniglot_root):
     ({"steps": 0}, "--steps=0"),
     ({"data": "/nonexistent/shards"}, "--data='/nonexistent/shards'"),
     ({"meta_btach": 4}, "--meta_btach"),
+    ({"val_select": "best"}, "--val_select='best'"),
 ])
 def test_bad_options_stop_before_any_work(tmp_path, omniglot_root, options, fragment, capsys):
     from dist_signmaml.train import main

@@ -53,16 +53,16 @@ CHANNELS_LAST_CHOICES = (True, False, "auto")
 def resolve_channels_last(choice: bool | str, device: torch.device | str) -> tuple[bool, str]:
     """`--channels_last true | false | auto` -> (use channels-last, why), the reason for the run's log.
 
-    auto: channels-last on CPU, where it measured faster for every backbone and query count we benchmark (conv4 at
-    28 and 84 px, ResNet-12; 1 and 15 queries: docs/benchmarks.md, bench/results/layout_cpu.json); NCHW elsewhere,
-    until it is measured there (bench/gpu.sh measures it on CUDA).
+    auto: channels-last on CPU, where an idle core measured it faster on conv4 at 84 px and ResNet-12 (1.17-1.51x at
+    1 and 15 queries) and level with NCHW at 28 px (docs/benchmarks.md, bench/results/layout_cpu.json,
+    backbones_layout_q*_cpu.json); NCHW elsewhere, until it is measured there (bench/gpu.sh measures it on CUDA).
     """
     if choice not in CHANNELS_LAST_CHOICES:
         raise ValueError(f"--channels_last={choice!r} is not known; expected true, false or auto")
     if choice != "auto":
         return bool(choice), f"--channels_last {str(choice).lower()}"
     if torch.device(device).type == "cpu":
-        return True, "--channels_last auto: channels-last on CPU (measured faster, docs/benchmarks.md)"
+        return True, "--channels_last auto: channels-last on CPU (faster on larger inputs, level at 28 px: docs/benchmarks.md)"
     return False, f"--channels_last auto: NCHW on {torch.device(device).type} (channels-last not measured faster there)"
 
 
