@@ -197,20 +197,39 @@ def default_torch_threads(local_processes: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_processes))
 
 
+def rank_cores(usable: list[int], local_rank: int, local_processes: int) -> list[int] | None:
+    """The cores local rank `local_rank` of `local_processes` is pinned to: its own contiguous share of the cores
+    this node's processes may use, or None (no pinning) for a single process or fewer cores than processes.
+    Unpinned ranks migrate between cores and a synchronous step waits for the slowest: two pinned ranks on this
+    2-core machine reached 2.00x one rank against 1.89x unpinned (docs/benchmarks.md, bench/scaling.py)."""
+    if local_processes < 2 or len(usable) < local_processes:
+        return None
+    share = len(usable) // local_processes
+    return sorted(usable)[local_rank * share:(local_rank + 1) * share]
+
+
 @contextlib.contextmanager
-def torch_threads_for_run():
-    """Apply default_torch_threads unless the user chose (OMP_NUM_THREADS), for the length of a run; yields
-    (threads, why). The caller's own thread count comes back afterwards: `train()` called as a library function
-    must not change the numerics of what its caller computes next (a different thread count reorders reductions)."""
-    before = torch.get_num_threads()
+def torch_threads_for_run(cpu_affinity: str = "auto"):
+    """For the length of a run: pin this rank to its share of the node's cores (cpu_affinity auto, several local
+    processes, no GPU: a GPU's nearest cores are the driver's business, not a contiguous share), then apply
+    default_torch_threads unless the user chose (OMP_NUM_THREADS); yields (threads, why, pinned cores or None).
+    The caller's thread count and affinity come back afterwards: `train()` called as a library function must not
+    change the numerics of what its caller computes next (a different thread count reorders reductions)."""
+    before, affinity_before = torch.get_num_threads(), os.sched_getaffinity(0)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if os.environ.get("OMP_NUM_THREADS"):
         chosen = before, "OMP_NUM_THREADS"
     else:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        threads = default_torch_threads(local)
+        threads = default_torch_threads(local)  # from the node's cores, before this rank is pinned to its share
         torch.set_num_threads(threads)
-        chosen = threads, f"{len(os.sched_getaffinity(0))} usable cores / {local} local process(es)"
+        chosen = threads, f"{len(affinity_before)} usable cores / {local} local process(es)"
+    pinned = rank_cores(list(affinity_before), int(os.environ.get("LOCAL_RANK", "0")), local) \
+        if cpu_affinity == "auto" and not torch.cuda.is_available() else None
+    if pinned:
+        os.sched_setaffinity(0, pinned)
     try:
-        yield chosen
+        yield (*chosen, pinned)
     finally:
         torch.set_num_threads(before)
+        if pinned:
+            os.sched_setaffinity(0, affinity_before)

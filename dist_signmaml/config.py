@@ -50,7 +50,7 @@ PAPER_GRIDS = {algo: facts.paper_grid for algo, facts in ALGORITHM_FACTS.items()
 MAY_CHANGE_ON_RESUME = frozenset({
     "steps", "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "eval_episodes", "test_episodes",
     "test_inner_steps", "workers", "window_shards", "resume", "overwrite", "out", "data", "dist_timeout",
-    "on_bad_sample", "on_nonfinite", "task_parallel", "compile", "compile_backend", "activation_checkpointing",
+    "on_bad_sample", "on_nonfinite", "task_parallel", "cpu_affinity", "compile", "compile_backend", "activation_checkpointing",
     "log_with", "project", "profile_steps",
 })
 NONFINITE_POLICIES = ("stop", "skip_step")
@@ -107,6 +107,9 @@ class TrainConfig:
     resume: bool | str = _field(False, "continue from the newest good checkpoint in --out (starts fresh, saying so, "
                                        "when there is none); 'must': an error when there is none")
     overwrite: bool = _field(False, "start fresh in an --out that holds another run's checkpoints, deleting that run's files")
+    cpu_affinity: str = _field("auto", "auto: CPU runs with several processes on a node pin each to its own share "
+                                       "of the cores they may use (a synchronous step waits for the slowest rank) "
+                                       "| none")
     task_parallel: str = _field("auto", f"run a rank's tasks with {' | '.join(TASK_PARALLEL_MODES)} (auto: loop on CPU, vmap on GPU)")
     workers: int = _field(0, "DataLoader worker processes per rank for the episode stream")
     window_shards: int = _field(8, "shards each stream keeps in memory")
@@ -190,6 +193,7 @@ class TrainConfig:
              "--overwrite deletes it)")
         need(self.on_nonfinite in NONFINITE_POLICIES, "on_nonfinite", " or ".join(NONFINITE_POLICIES))
         need(self.val_select in VAL_SELECTS, "val_select", " or ".join(VAL_SELECTS))
+        need(self.cpu_affinity in ("auto", "none"), "cpu_affinity", "auto or none")
         need(isinstance(self.out, str) and self.out.strip() != "", "out", "a run directory path")
         need(self.class_sampling in ("balanced", "proportional"), "class_sampling", "balanced or proportional")
         need(self.on_bad_sample in ("error", "skip"), "on_bad_sample", "error or skip")

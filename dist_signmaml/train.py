@@ -39,11 +39,11 @@ __all__ = ["build_learner", "main", "train"]  # build_learner: kept importable f
 
 
 def train(config: TrainConfig) -> dict:
-    with torch_threads_for_run() as threads:
+    with torch_threads_for_run(config.cpu_affinity) as threads:
         return run_training(config, threads)
 
 
-def run_training(config: TrainConfig, threads: tuple[int, str]) -> dict:
+def run_training(config: TrainConfig, threads: tuple[int, str, list[int] | None]) -> dict:
     stop_when_launcher_dies()
     engine = Engine(config.out, config.seed, log_with=config.log_with, zero_stage=config.zero_stage,
                     timeout_s=config.dist_timeout)
@@ -61,7 +61,8 @@ def run_training(config: TrainConfig, threads: tuple[int, str]) -> dict:
         engine.print0(f"memory layout: {'channels-last' if channels_last else 'NCHW'} ({layout_reason})")
         resolved = {"rule": learner.rule.description, "hidden": resolved_width(learner), "channels_last": channels_last,
                     "task_parallel": learner.task_parallel,
-                    "world_size": engine.world_size, "torch_threads": threads[0], "torch_threads_from": threads[1]}
+                    "world_size": engine.world_size, "torch_threads": threads[0], "torch_threads_from": threads[1],
+                    "cpu_cores": threads[2] or "unpinned"}
         optimizer = build_optimizer(config, learner)
         outer_lr = OuterLRSchedule(optimizer, config.outer_lr_schedule, config.steps)  # a function of the step
         learner, optimizer = engine.prepare(learner, optimizer, engine.tasks_per_rank(config.meta_batch))

@@ -78,6 +78,45 @@ def test_train_called_as_a_function_gives_the_caller_its_thread_count_back(tmp_p
         torch.set_num_threads(before)
 
 
+def test_each_local_rank_gets_its_own_share_of_the_cores():
+    from dist_signmaml.builders import rank_cores
+
+    assert rank_cores([0, 1], 0, 2) == [0] and rank_cores([1, 0], 1, 2) == [1]
+    assert rank_cores(list(range(8)), 2, 4) == [4, 5] and rank_cores(list(range(9)), 3, 4) == [6, 7]
+    assert rank_cores([0, 1, 2, 3], 0, 1) is None, "a single process keeps every core"
+    assert rank_cores([3], 1, 2) is None, "fewer cores than processes: no pinning (they would stack up)"
+
+
+@pytest.mark.parametrize("affinity", ["auto", "none"])
+def test_a_run_pins_its_rank_and_gives_the_caller_its_affinity_back(tmp_path, omniglot_root, monkeypatch, affinity):
+    """Rank 1 of 2 local processes, as `accelerate launch` sets it up: inside the run this process holds only its
+    share of the cores (recorded in config.json), and afterwards the caller's affinity is back."""
+    import os
+
+    from dist_signmaml import train as train_module
+    from dist_signmaml.builders import rank_cores
+
+    usable = sorted(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    seen = {}
+    real_run = train_module.run_training
+
+    def run_training(config, threads):
+        seen["inside"] = sorted(os.sched_getaffinity(0))
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")  # the run itself is a single process (no launcher here)
+        monkeypatch.delenv("LOCAL_RANK")
+        return real_run(config, threads)
+
+    monkeypatch.setattr(train_module, "run_training", run_training)
+    train(small_config(tmp_path, omniglot_root, steps=1, ckpt_every=1, cpu_affinity=affinity))
+    expected = rank_cores(usable, 1, 2) if affinity == "auto" and not torch.cuda.is_available() else None
+    assert seen["inside"] == (expected or usable)
+    assert sorted(os.sched_getaffinity(0)) == usable
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert recorded["cpu_cores"] == (expected or "unpinned")
+
+
 def test_tensorboard_has_train_scalars_and_hparams(tmp_path, omniglot_root):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -105,6 +144,7 @@ def test_tensorboard_has_train_scalars_and_hparams(tmp_path, omniglot_root):
     ({"data": "/nonexistent/shards"}, "--data='/nonexistent/shards'"),
     ({"meta_btach": 4}, "--meta_btach"),
     ({"val_select": "best"}, "--val_select='best'"),
+    ({"cpu_affinity": "numa"}, "--cpu_affinity='numa'"),
 ])
 def test_bad_options_stop_before_any_work(tmp_path, omniglot_root, options, fragment, capsys):
     from dist_signmaml.train import main
