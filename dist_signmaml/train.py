@@ -131,7 +131,8 @@ def record_config(engine, config: TrainConfig, resolved: dict, start: int) -> Ru
     log_config_text(engine, text, step=start)
     engine.print0(f"{resolved['rule']}; {engine.world_size} process(es) on {engine.device}, "
                   f"tasks run with '{resolved['task_parallel']}', {resolved['torch_threads']} torch thread(s) per "
-                  f"process ({resolved['torch_threads_from']})")
+                  f"process ({resolved['torch_threads_from']})"
+                  + (f"; rank 0 pinned to cores {resolved['cpu_cores']}" if resolved["cpu_cores"] != "unpinned" else ""))
     return manifest
 
 
