@@ -344,6 +344,9 @@ def results_markdown(summary: dict) -> str:
     if summary.get("best_val"):
         best = summary["best_val"]
         lines.append(f"| val (best) | step {best['step']} | {best['episodes']} | {best['inner_steps']} | {percent(best)} |")
+        if "best_steps" in best:  # --val_select any_steps ranked it here
+            lines.append(f"| val (best, ranked) | step {best['step']} | {best['episodes']} | "
+                         f"{best['best_steps']['inner_steps']} | {percent(best['best_steps'])} |")
     if summary.get("test"):
         test = summary["test"]
         lines.append(f"| test | {test['weights']} (step {test['weights_step']}) | {test['episodes']} | "
@@ -353,7 +356,7 @@ def results_markdown(summary: dict) -> str:
                   f"{timing['count']} iterations); peak memory {summary['peak_memory_mib']:.0f} MiB.", ""]
     if summary.get("val_history"):
         lines += ["| step | val accuracy ± 95% CI |", "| --- | --- |"]
-        lines += [f"| {r['step']} | {percent(r)} |" for r in summary["val_history"]]
+        lines += [f"| {r['step']} | {describe(r)} |" for r in summary["val_history"]]
         lines.append("")
     return "\n".join(lines)
 

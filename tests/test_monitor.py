@@ -175,3 +175,17 @@ def test_validation_keeps_the_weights_its_selection_ranks_best(monkeypatch, tmp_
     assert asked == [(1, 2, 3, 5, 10)] * 2 if select == "any_steps" else asked == [()] * 2
     if select == "any_steps":
         assert engine.logged[0][1]["val/accuracy_1_steps"] == 0.9 and engine.logged[0][1]["val/accuracy"] == 0.4
+
+
+def test_results_markdown_shows_the_ranked_count_of_a_validation_over_step_counts():
+    from dist_signmaml.monitor import results_markdown
+
+    ranked = {"step": 4, "episodes": 10, "inner_steps": 10, "accuracy": 0.4, "ci95": 0.01,
+              "best_steps": {"inner_steps": 1, "accuracy": 0.9, "ci95": 0.02}}
+    summary = {"config": {"algo": "sign", "ways": 5, "shots": 1, "backbone": "conv4"}, "steps": 4, "world_size": 1,
+               "best_val": ranked, "val_history": [ranked],
+               "seconds_per_meta_iteration": {"mean": 0.1, "std": 0.0, "count": 4}, "peak_memory_mib": 10.0}
+    text = results_markdown(summary)
+    assert "| val (best) | step 4 | 10 | 10 | 40.00 ± 1.00% |" in text
+    assert "| val (best, ranked) | step 4 | 10 | 1 | 90.00 ± 2.00% |" in text
+    assert "| 4 | 40.00 ± 1.00% at 10 steps, 90.00 ± 2.00% at 1 |" in text
