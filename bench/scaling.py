@@ -17,7 +17,8 @@ bucket from launch to completion, so it includes waiting for the slower rank) an
 all-reduced after a barrier), and the stop vote (Engine.any_rank, one small all-reduce per training step) alone;
 and the same steps under DDP's no_sync (no all-reduce at all), which splits the 2-rank step into the ranks' compute
 and what communication adds. The 2-rank run is also repeated with each rank pinned to its own core
-(`two_ranks_pinned_one_core_each`, `--cores`), as the independent copies are: the launcher pins nothing.
+(`two_ranks_pinned_one_core_each`, `--cores`), as the independent copies are and as the trainer pins its ranks by
+default (`--cpu_affinity auto`); the unpinned run is what the launcher alone, or `--cpu_affinity none`, gives.
 The loader is not in the loop (episodes are drawn before it), so none of the gap is the loader's.
 `cpu_share_per_rank` (CPU time / wall time) shows whether a rank had
 its core to itself; `cpu_time_efficiency_two_vs_one` compares tasks per CPU-second, which other load on the
