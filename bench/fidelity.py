@@ -32,6 +32,7 @@ from bench.common import machine_load
 from bench.protocol import PROTOCOL_JSON
 from bench.reproduce import GRID_SCALES, ReproduceError, choose_beta, grid_for, grid_steps_for, test_final, train_final
 from dist_signmaml.artifacts import CONFIG_JSON, RESULTS_JSON
+from dist_signmaml.cli import unknown_options
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR, REPO_ROOT
 
 RESULTS = REPO_ROOT / "bench" / "results" / "fidelity"
@@ -119,18 +120,24 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
 
 def main(command: str = "", **options) -> None:
     try:
+        if command not in ("run", "summary"):
+            raise FidelityError(f"give a command: run --plan ... | summary (got {command!r}; "
+                                "python -m bench.fidelity --help)")
         if command == "run":
-            run_plan(**options)
-        elif command == "summary":
-            from bench.fidelity_summary import summarize
-
-            summarize(**options)
+            function = run_plan
         else:
-            raise FidelityError("give a command: run --plan ... | summary")
+            from bench.fidelity_summary import summarize as function
+        complaint = unknown_options(options, function)
+        if complaint:
+            raise FidelityError(f"{command}: {complaint}")
+        function(**options)
     except (FidelityError, ReproduceError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        print(__doc__)
+        sys.exit(0)
     fire.Fire(main)

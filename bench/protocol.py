@@ -23,6 +23,7 @@ import torch
 from dist_signmaml.config import TrainConfig
 from dist_signmaml.data import EpisodeShape, fixed_episodes
 from dist_signmaml.artifacts import load_learner_weights, read_metadata
+from dist_signmaml.cli import unknown_options
 from dist_signmaml.evaluate import weights_file
 from dist_signmaml.metatest import EVALUATION_SEED, STEP_COUNTS, confidence_interval
 
@@ -101,6 +102,10 @@ def score_run(run_dir: str | Path, *, val_episodes: int = 300, test_episodes: in
 def main(run_dir: str = "", **options) -> None:
     if not run_dir or not Path(run_dir).is_dir():
         print(f"error: give a finished run directory (got {run_dir!r})", file=sys.stderr)
+        sys.exit(2)
+    complaint = unknown_options(options, score_run)
+    if complaint:
+        print(f"error: {complaint}", file=sys.stderr)
         sys.exit(2)
     result = score_run(run_dir, **options)
     chosen, paper = result["test_chosen"], result["test_paper"]

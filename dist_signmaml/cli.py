@@ -18,6 +18,18 @@ def refuse_unknown_flags(argv: list[str], function) -> None:
         sys.exit(2)
 
 
+def unknown_options(options: dict, function) -> str:
+    """'' when `function` takes every key of `options`, else a one-line complaint naming the unknown ones and the
+    known ones: a bad flag would otherwise end in fire's TypeError traceback, after the command had started."""
+    known = [name for name, p in inspect.signature(function).parameters.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(known))
+    if not unknown:
+        return ""
+    return (f"unknown option(s) {', '.join('--' + u for u in unknown)}; known: "
+            f"{', '.join('--' + k for k in known)}")
+
+
 def path_and_options_signature(function) -> inspect.Signature:
     """`main(path, **options)`'s signature for `--help`: the path, then `function`'s options with their defaults."""
     return inspect.Signature(

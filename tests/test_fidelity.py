@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from bench.fidelity import FidelityError, parse_run
 from bench.fidelity_summary import goals, group_rows, markdown, plateau_gain, time_to_target
 from bench.protocol import PAPER_CELL, cell, choose_cell, grid_scores
 from dist_signmaml.metatest import STEP_COUNTS
+from tests.conftest import PYTHON, REPO_ROOT
 
 pytestmark = pytest.mark.unit
 
@@ -101,3 +104,29 @@ def test_goals_are_reported_met_or_missed_with_their_figures():
     # sign-lsl needs 100 steps at 0.3 s, fo 50 at 0.25 s
     assert "sign-lsl (m=1, 1 seed(s)) reaches 75% validation in 2.40× the time of fo-b0.1" in lines
     assert "5w1s, 100 meta-steps: fo-b0.1 (m=1, 1 seed(s)) 96.00% vs the goal ≥ 97%: MISSED" in lines
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("argv,fragment", [
+    (["bench.fidelity", "run", "--plan", "5w1s:m1:fo:s0", "--stepz", "10"], "run: unknown option(s) --stepz; known: --plan"),
+    (["bench.fidelity", "summary", "--bogus", "1"], "summary: unknown option(s) --bogus; known: --root"),
+    (["bench.fidelity", "train"], "give a command: run --plan ... | summary (got 'train'"),
+    (["bench.protocol", "RUN", "--val_episode", "3"], "unknown option(s) --val_episode; known: --run_dir, --val_episodes"),
+])
+def test_a_bad_command_line_gets_one_line_before_any_work(argv, fragment, tmp_path, subprocess_env):
+    """An unknown flag once ended in fire's TypeError traceback; now one line names it and what is known."""
+    argv = [str(tmp_path) if token == "RUN" else token for token in argv]
+    result = subprocess.run([PYTHON, "-m", *argv, "--work", str(tmp_path / "work")] if argv[1] == "run" else
+                            [PYTHON, "-m", *argv], capture_output=True, text=True, env=subprocess_env, timeout=120,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.integration
+def test_help_prints_the_usage(subprocess_env):
+    result = subprocess.run([PYTHON, "-m", "bench.fidelity", "--help"], capture_output=True, text=True,
+                            env=subprocess_env, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 0 and "SETTING:mM:VARIANT:sSEED" in result.stdout, result.stderr[-2000:]
