@@ -20,7 +20,9 @@ def refuse_unknown_flags(argv: list[str], function) -> None:
 
 def unknown_options(options: dict, function) -> str:
     """'' when `function` takes every key of `options`, else a one-line complaint naming the unknown ones and the
-    known ones: a bad flag would otherwise end in fire's TypeError traceback, after the command had started."""
+    known ones: a bad flag would otherwise end in fire's TypeError traceback, after the command had started. For
+    commands whose options are ordinary parameters (bench's); `run_with_one_line_errors` takes keyword-only ones,
+    so the PATH of `evaluate`/`predict` cannot be given twice."""
     known = [name for name, p in inspect.signature(function).parameters.items()
              if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
     unknown = sorted(set(options) - set(known))

@@ -108,16 +108,16 @@ def test_goals_are_reported_met_or_missed_with_their_figures():
 
 @pytest.mark.integration
 @pytest.mark.parametrize("argv,fragment", [
-    (["bench.fidelity", "run", "--plan", "5w1s:m1:fo:s0", "--stepz", "10"], "run: unknown option(s) --stepz; known: --plan"),
+    (["bench.fidelity", "run", "--plan", "5w1s:m1:fo:s0", "--work", "WORK", "--stepz", "10"],
+     "run: unknown option(s) --stepz; known: --plan"),
     (["bench.fidelity", "summary", "--bogus", "1"], "summary: unknown option(s) --bogus; known: --root"),
     (["bench.fidelity", "train"], "give a command: run --plan ... | summary (got 'train'"),
     (["bench.protocol", "RUN", "--val_episode", "3"], "unknown option(s) --val_episode; known: --run_dir, --val_episodes"),
 ])
 def test_a_bad_command_line_gets_one_line_before_any_work(argv, fragment, tmp_path, subprocess_env):
     """An unknown flag once ended in fire's TypeError traceback; now one line names it and what is known."""
-    argv = [str(tmp_path) if token == "RUN" else token for token in argv]
-    result = subprocess.run([PYTHON, "-m", *argv, "--work", str(tmp_path / "work")] if argv[1] == "run" else
-                            [PYTHON, "-m", *argv], capture_output=True, text=True, env=subprocess_env, timeout=120,
+    argv = [{"RUN": str(tmp_path), "WORK": str(tmp_path / "work")}.get(token, token) for token in argv]
+    result = subprocess.run([PYTHON, "-m", *argv], capture_output=True, text=True, env=subprocess_env, timeout=120,
                             cwd=REPO_ROOT)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
