@@ -119,6 +119,7 @@ class Engine:
         # A CPU-side (gloo) group for the per-step stop vote and for naming lost peers; it never touches the GPU.
         self._control = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s)) \
             if self.world_size > 1 else None
+        self._ended = False
         set_seed(seed)
 
     # ---- processes -------------------------------------------------------------------------------------------
@@ -363,7 +364,19 @@ class Engine:
         return gathered
 
     def end(self):
+        """Finish the trackers and destroy the process groups. A process that exits with a gloo group alive can
+        abort in the interpreter's finalisation (gloo's worker threads still hold tensors): SIGABRT, exit -6, after
+        a run that otherwise succeeded. Safe to call twice."""
+        if self._ended:
+            return
+        self._ended = True
         self.accelerator.end_training()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.end()
 
     # ---- checkpoint state and export ----------------------------------------------------------------------------
     @names_lost_peers("saving a checkpoint")

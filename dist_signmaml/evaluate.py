@@ -94,40 +94,41 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
         raise EvaluationError(f"{file}: {error}") from None
     split_dir = split_directory(data or trained["data"], split)
     shape = episode_shape(config)
-    engine = Engine(Path(out).parent if out else file.parent, config.seed, log_with=None)
-    image_shape = metadata.get("image_shape") or _image_shape(split_dir)
-    try:
-        check_weights_fit(config, check_image_shape(image_shape, f"{file} metadata"), file)
-        learner = build_learner(config, image_shape, engine.device)
-    except ConfigError as error:
-        raise EvaluationError(f"{file}: {error}") from None
-    state = load_learner_weights(file)
-    bad = non_finite_tensors(export_names(state))  # named as in the file
-    if bad:
-        engine.print0(f"warning: {file} holds non-finite weights ({', '.join(bad[:5])}): its accuracy is meaningless")
-    try:
-        learner.load_state_dict(state)
-    except RuntimeError as error:  # names or shapes that are not this config's learner
-        raise EvaluationError(f"{file}: the weights do not fit the backbone of its config "
-                              f"({str(error).strip().splitlines()[0][:300]})") from None
-    learner.to(engine.device)
-    check_split_fits(split_dir, shape, episodes)  # the expected input error; anything meta_test raises after it is a bug
-    result = meta_test(learner, engine, split_dir, shape, episodes=episodes, inner_steps=inner_steps, seed=seed,
-                       tasks_per_batch=batch, desc=f"evaluate {Path(split).name}", announce_eta=True,
-                       step_counts=step_counts)
-    result |= {"split": Path(split).name, "split_dir": str(split_dir), "weights": str(file), "algo": config.algo,
-               "inner_lr": config.inner_lr, "ways": config.ways, "shots": config.shots, "queries": config.queries,
-               "seed": seed, "world_size": engine.world_size, "trained_steps": metadata.get("step", trained["steps"])}
-    out_file = Path(out) if out else evaluation_file(file, result)
-    if engine.is_main:
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_file, json.dumps(result, indent=1, sort_keys=True) + "\n")
-    engine.print0(f"{result['split']} {config.ways}-way {config.shots}-shot, {config.algo} (beta={config.inner_lr:g}, "
-                  f"{inner_steps} inner steps), {file}: {100 * result['accuracy']:.2f} ± {100 * result['ci95']:.2f}% "
-                  f"over {result['episodes']} episodes -> {out_file}")
-    for score in result.get("by_steps", []):
-        engine.print0(f"  after {score['inner_steps']:>2} inner steps: {100 * score['accuracy']:.2f} ± "
-                      f"{100 * score['ci95']:.2f}%")
+    # The engine ends on every way out: a process that exits with its gloo group alive can abort (Engine.end).
+    with Engine(Path(out).parent if out else file.parent, config.seed, log_with=None) as engine:
+        image_shape = metadata.get("image_shape") or _image_shape(split_dir)
+        try:
+            check_weights_fit(config, check_image_shape(image_shape, f"{file} metadata"), file)
+            learner = build_learner(config, image_shape, engine.device)
+        except ConfigError as error:
+            raise EvaluationError(f"{file}: {error}") from None
+        state = load_learner_weights(file)
+        bad = non_finite_tensors(export_names(state))  # named as in the file
+        if bad:
+            engine.print0(f"warning: {file} holds non-finite weights ({', '.join(bad[:5])}): its accuracy is meaningless")
+        try:
+            learner.load_state_dict(state)
+        except RuntimeError as error:  # names or shapes that are not this config's learner
+            raise EvaluationError(f"{file}: the weights do not fit the backbone of its config "
+                                  f"({str(error).strip().splitlines()[0][:300]})") from None
+        learner.to(engine.device)
+        check_split_fits(split_dir, shape, episodes)  # the expected input error; anything meta_test raises after it is a bug
+        result = meta_test(learner, engine, split_dir, shape, episodes=episodes, inner_steps=inner_steps, seed=seed,
+                           tasks_per_batch=batch, desc=f"evaluate {Path(split).name}", announce_eta=True,
+                           step_counts=step_counts)
+        result |= {"split": Path(split).name, "split_dir": str(split_dir), "weights": str(file), "algo": config.algo,
+                   "inner_lr": config.inner_lr, "ways": config.ways, "shots": config.shots, "queries": config.queries,
+                   "seed": seed, "world_size": engine.world_size, "trained_steps": metadata.get("step", trained["steps"])}
+        out_file = Path(out) if out else evaluation_file(file, result)
+        if engine.is_main:
+            out_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out_file, json.dumps(result, indent=1, sort_keys=True) + "\n")
+        engine.print0(f"{result['split']} {config.ways}-way {config.shots}-shot, {config.algo} (beta={config.inner_lr:g}, "
+                      f"{inner_steps} inner steps), {file}: {100 * result['accuracy']:.2f} ± {100 * result['ci95']:.2f}% "
+                      f"over {result['episodes']} episodes -> {out_file}")
+        for score in result.get("by_steps", []):
+            engine.print0(f"  after {score['inner_steps']:>2} inner steps: {100 * score['accuracy']:.2f} ± "
+                          f"{100 * score['ci95']:.2f}%")
     return result
 
 

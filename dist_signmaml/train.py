@@ -45,9 +45,13 @@ def train(config: TrainConfig) -> dict:
 
 def run_training(config: TrainConfig, threads: tuple[int, str, list[int] | None]) -> dict:
     stop_when_launcher_dies()
-    engine = Engine(config.out, config.seed, log_with=config.log_with, zero_stage=config.zero_stage,
-                    timeout_s=config.dist_timeout)
-    config = resolve_for_launch(config, engine)
+    # The engine ends on every way out, errors included: trackers closed, process groups destroyed.
+    with Engine(config.out, config.seed, log_with=config.log_with, zero_stage=config.zero_stage,
+                timeout_s=config.dist_timeout) as engine:
+        return meta_train(resolve_for_launch(config, engine), engine, threads)
+
+
+def meta_train(config: TrainConfig, engine, threads: tuple[int, str, list[int] | None]) -> dict:
     with Checkpointer(engine, config) as checkpointer:
         start = checkpointer.claim()  # --out checked and locked, fresh start or verified resume point chosen
         build_bundled_data(config, engine)

@@ -106,6 +106,41 @@ def test_two_processes_report_exactly_the_numbers_of_one(run_dir, tmp_path, subp
     assert line and f"{100 * one['accuracy']:.2f} ± {100 * one['ci95']:.2f}%" in line[0], single.stdout[-2000:]
 
 
+ENDS_ITS_GROUPS = """
+import sys
+import torch.distributed as dist
+from dist_signmaml.config import ConfigError, TrainConfig
+from dist_signmaml.evaluate import evaluate
+from dist_signmaml.train import train
+run_dir, out, what = sys.argv[1:]
+if what == "evaluate":
+    evaluate(run_dir, episodes=3, inner_steps=1, out=out)
+else:  # an expected error after the engine has started: the shard root has no train split
+    try:
+        train(TrainConfig.from_options(ways=5, shots=1, queries=1, meta_batch=2, steps=1, data=run_dir, out=out))
+    except ConfigError:
+        pass
+print(f"process group alive: {dist.is_initialized()}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("what", ["evaluate", "train stopped by a bad --data"])
+def test_every_rank_destroys_its_process_groups_before_exit(run_dir, tmp_path, subprocess_env, what):
+    """A rank that exits with its gloo group alive can abort in the interpreter's finalisation ('terminate called
+    without an active exception', SIGABRT), now and then, after evaluate had written its result: every way out of
+    evaluate and train ends the engine first."""
+    script = tmp_path / "ends_its_groups.py"
+    script.write_text(ENDS_ITS_GROUPS)
+    accelerate = os.path.join(os.path.dirname(PYTHON), "accelerate")
+    launched = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                               "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(run_dir),
+                               str(tmp_path / "out"), what.split()[0]],
+                              capture_output=True, text=True, env=subprocess_env | {"ACCELERATE_USE_CPU": "1"},
+                              timeout=300, cwd=REPO_ROOT)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("process group alive: False") == 2, launched.stdout[-2000:]
+
+
 @pytest.mark.parametrize("path,options,fragment", [
     ("missing", {}, "'{tmp}/missing' does not exist"),
     ("RUN", {"ways": 7}, "--ways=7 does not fit"),
