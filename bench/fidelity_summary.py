@@ -86,6 +86,7 @@ def group_rows(records: list[dict]) -> list[dict]:
             "setting": setting, "inner_steps": m, "variant": variant, "algo": runs[0]["algo"],
             "learned": runs[0]["learned"], "seeds": [r["seed"] for r in runs],
             "steps": steps, "beta": runs[0]["results"]["config"]["inner_lr"],
+            "betas": [r["results"]["config"]["inner_lr"] for r in runs],  # a grid may choose another β per seed
             "test_chosen_mean": statistics.fmean(c["accuracy"] for c in chosen),
             "test_chosen_seed_spread": (max(c["accuracy"] for c in chosen) - min(c["accuracy"] for c in chosen)),
             "test_chosen_ci95": [c["ci95"] for c in chosen],
@@ -168,7 +169,7 @@ def goals(rows: list[dict]) -> list[str]:
         if learned and fixed:
             gap = 100 * (learned["test_chosen_mean"] - fixed["test_chosen_mean"])
             lines.append(f"- {head}: learned step sizes from the default β, {label(learned)}, minus fixed β "
-                         f"{fixed['beta']:g}, {label(fixed)}: {gap:+.2f} points (goal ≥ −{LEARNED_VS_GRID_POINTS:g}: "
+                         f"{'/'.join(f'{b:g}' for b in fixed['betas'])}, {label(fixed)}: {gap:+.2f} points (goal ≥ −{LEARNED_VS_GRID_POINTS:g}: "
                          f"{verdict(gap >= -LEARNED_VS_GRID_POINTS)})")
         reference = fo or maml
         for r in group:

@@ -62,10 +62,10 @@ def test_a_history_ranked_over_step_counts_is_read_at_its_best_count():
 
 
 def record(seed, accuracy, paper, sizes=None, variant="sign-lsl", seconds=0.3, reach_step=100, setting="20w1s",
-           val_select="test_steps"):
+           val_select="test_steps", beta=0.005):
     return {"setting": setting, "inner_steps": 1, "variant": variant, "seed": seed, "algo": variant.split("-")[0],
             "learned": "-lsl" in variant,
-            "results": {"steps": 100, "config": {"inner_lr": 0.005, "test_inner_steps": 10, "val_select": val_select},
+            "results": {"steps": 100, "config": {"inner_lr": beta, "test_inner_steps": 10, "val_select": val_select},
                         "best_val": {"accuracy": accuracy + 0.01},
                         "seconds_per_meta_iteration": {"mean": seconds},
                         "val_history": [{"step": 50, "accuracy": 0.7}, {"step": reach_step, "accuracy": 0.76}],
@@ -104,6 +104,14 @@ def test_goals_are_reported_met_or_missed_with_their_figures():
     # sign-lsl needs 100 steps at 0.3 s, fo 50 at 0.25 s
     assert "sign-lsl (m=1, 1 seed(s)) reaches 75% validation in 2.40× the time of fo-b0.1" in lines
     assert "5w1s, 100 meta-steps: fo-b0.1 (m=1, 1 seed(s)) 96.00% vs the goal ≥ 97%: MISSED" in lines
+
+
+def test_the_learned_vs_grid_goal_names_the_beta_each_seed_was_given():
+    """The grid chooses β per seed (5w1s sign: 0.015 for seed 0, 0.02 for seed 1): the line names both."""
+    rows = group_rows([record(0, 0.95, 0.9, setting="5w1s"), record(1, 0.95, 0.9, setting="5w1s"),
+                       record(0, 0.93, 0.9, variant="sign", setting="5w1s", beta=0.015),
+                       record(1, 0.95, 0.9, variant="sign", setting="5w1s", beta=0.02)])
+    assert "minus fixed β 0.015/0.02, sign (m=1, 2 seed(s)): +1.00 points (goal ≥ −1: met)" in "\n".join(goals(rows))
 
 
 @pytest.mark.integration
