@@ -85,7 +85,7 @@ def group_rows(records: list[dict]) -> list[dict]:
         rows.append({
             "setting": setting, "inner_steps": m, "variant": variant, "algo": runs[0]["algo"],
             "learned": runs[0]["learned"], "seeds": [r["seed"] for r in runs],
-            "steps": steps, "beta": runs[0]["results"]["config"]["inner_lr"],
+            "steps": steps,
             "betas": [r["results"]["config"]["inner_lr"] for r in runs],  # a grid may choose another β per seed
             "test_chosen_mean": statistics.fmean(c["accuracy"] for c in chosen),
             "test_chosen_seed_spread": (max(c["accuracy"] for c in chosen) - min(c["accuracy"] for c in chosen)),
@@ -207,9 +207,9 @@ def markdown(rows: list[dict]) -> str:
     learned = [r for r in rows if r["step_sizes"] and r["step_sizes"][0]]
     for r in learned:
         lines += [f"Learned step sizes, {r['setting']} m={r['inner_steps']} {r['variant']} (seed {r['seeds'][0]}; "
-                  f"initial β = {r['beta']:g}; value per trained step and × initial):", "",
+                  f"initial β = {r['betas'][0]:g}; value per trained step and × initial):", "",
                   "| tensor | β per step | × initial |", "| --- | --- | --- |"]
-        initial = r["beta"]
+        initial = r["betas"][0]  # every seed of a learned variant starts from the same β
         for name, sizes in r["step_sizes"][0].items():
             sizes = sizes if isinstance(sizes, list) else [sizes]
             values = ", ".join(f"{s:.4g}" for s in sizes)
@@ -245,7 +245,7 @@ def plot(rows: list[dict], out: Path) -> None:
         width = 0.8 / len(learned)
         for i, r in enumerate(learned):
             sizes = r["step_sizes"][0]
-            ratios = [(sizes[n] if isinstance(sizes[n], list) else [sizes[n]])[0] / r["beta"] for n in names]
+            ratios = [(sizes[n] if isinstance(sizes[n], list) else [sizes[n]])[0] / r["betas"][0] for n in names]
             axes.bar([x + (i - (len(learned) - 1) / 2) * width for x in range(len(names))], ratios, width,
                      label=f"{r['setting']} m{r['inner_steps']} {r['variant']} (seed {r['seeds'][0]})")
         axes.set_yscale("log")
