@@ -62,8 +62,8 @@ def test_a_history_ranked_over_step_counts_is_read_at_its_best_count():
 
 
 def record(seed, accuracy, paper, sizes=None, variant="sign-lsl", seconds=0.3, reach_step=100, setting="20w1s",
-           val_select="test_steps", beta=0.005):
-    return {"setting": setting, "inner_steps": 1, "variant": variant, "seed": seed, "algo": variant.split("-")[0],
+           val_select="test_steps", beta=0.005, m=1):
+    return {"setting": setting, "inner_steps": m, "variant": variant, "seed": seed, "algo": variant.split("-")[0],
             "learned": "-lsl" in variant,
             "results": {"steps": 100, "config": {"inner_lr": beta, "test_inner_steps": 10, "val_select": val_select},
                         "best_val": {"accuracy": accuracy + 0.01},
@@ -97,13 +97,50 @@ def test_goals_are_reported_met_or_missed_with_their_figures():
     lines = "\n".join(goals(rows))
     assert "best sign, sign-lsl (m=1, 1 seed(s)), minus best fo, fo-b0.1 (m=1, 1 seed(s)): +5.00 points vs the " \
            "goal ≥ +3: met" in lines
-    assert "best sign minus best maml, maml-b0.2 (m=1, 1 seed(s)): -0.50 points (goal ≥ −1: met) at 0.60× its " \
-           "seconds per meta-step (goal ≤ 0.5×: MISSED)" in lines
+    assert "best sign, sign-lsl (m=1, 1 seed(s)), minus best maml, maml-b0.2 (m=1, 1 seed(s)): -0.50 points " \
+           "(goal ≥ −1: met) at 0.60× its seconds per meta-step (goal ≤ 0.5×: MISSED)" in lines
     assert "learned step sizes from the default β, sign-lsl (m=1, 1 seed(s)), minus fixed β 0.005, sign-b0.005 " \
            "(m=1, 1 seed(s)): +1.00 points (goal ≥ −1: met)" in lines
     # sign-lsl needs 100 steps at 0.3 s, fo 50 at 0.25 s
     assert "sign-lsl (m=1, 1 seed(s)) reaches 75% validation in 2.40× the time of fo-b0.1" in lines
     assert "5w1s, 100 meta-steps: fo-b0.1 (m=1, 1 seed(s)) 96.00% vs the goal ≥ 97%: MISSED" in lines
+
+
+def test_goals_also_compare_methods_trained_with_the_same_inner_steps():
+    """Sign at m = 5 beats fo and maml at m = 1, but the same-m lines show what the rule alone gives."""
+    rows = group_rows([record(0, 0.92, 0.9, variant="sign-lsl-msl", seconds=1.0, m=5),
+                       record(0, 0.84, 0.8, variant="sign-lsl", seconds=0.3),
+                       record(0, 0.84, 0.8, variant="fo-b0.1", seconds=0.3),
+                       record(0, 0.90, 0.9, variant="maml-b0.2", seconds=0.5),
+                       record(0, 0.93, 0.9, variant="maml-b0.2", seconds=2.5, m=5)])
+    lines = "\n".join(goals(rows))
+    assert "20w1s, 100 meta-steps: best sign, sign-lsl-msl (m=5, 1 seed(s)), minus best maml, maml-b0.2 (m=5, " \
+           "1 seed(s)): -1.00 points (goal ≥ −1: met) at 0.40× its seconds per meta-step (goal ≤ 0.5×: met)" in lines
+    assert "20w1s, 100 meta-steps, m=1 only: best sign, sign-lsl (m=1, 1 seed(s)), minus best fo, fo-b0.1 (m=1, " \
+           "1 seed(s)): +0.00 points vs the goal ≥ +3: MISSED" in lines
+    assert "m=5 only: best sign, sign-lsl-msl (m=5, 1 seed(s)), minus best maml, maml-b0.2 (m=5" in lines
+    assert "m=5 only: sign vs fo: fo not run yet" in lines
+    one_m = "\n".join(goals(group_rows([record(0, 0.84, 0.8), record(0, 0.84, 0.8, variant="fo-b0.1")])))
+    assert "only" not in one_m, "with one m the per-m lines would repeat the overall ones"
+
+
+def test_summary_writes_the_table_and_every_figure_from_the_committed_records(tmp_path):
+    import json
+
+    from bench.fidelity_summary import summarize
+    for name, rec in (("20w1s_m1_sign-lsl_s0", record(0, 0.80, 0.7, {"head.weight": [0.01]})),
+                      ("20w1s_m1_sign-lsl_s1", record(1, 0.84, 0.7, {"head.weight": [0.02]})),
+                      ("5w1s_m1_fo-b0.1_s0", record(0, 0.95, 0.94, variant="fo-b0.1", setting="5w1s"))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(rec["results"]))
+        (tmp_path / name / "protocol.json").write_text(json.dumps(rec["protocol"]))
+    rows = summarize(str(tmp_path))
+    assert [r["test_chosen"] for r in rows] == [[0.80, 0.84], [0.95]]
+    assert rows[0]["val_curves"][1] == {"steps": [50, 100], "minutes": pytest.approx([0.25, 0.5]),
+                                        "accuracy": [0.7, 0.76]}
+    for figure in ("fidelity.png", "time_to_accuracy.png", "step_sizes.png"):
+        assert (tmp_path / figure).stat().st_size > 10_000, figure
+    assert json.loads((tmp_path / "fidelity.json").read_text())[0]["seeds"] == [0, 1]
 
 
 def test_the_learned_vs_grid_goal_names_the_beta_each_seed_was_given():
