@@ -84,12 +84,24 @@ def beta_for(run: dict, steps: int, work: Path, common: dict, env: dict) -> tupl
     return beta, [{"beta": r["beta"], "best_val": r["val_accuracy"]} for r in sweep["runs"]]
 
 
+def check_budget(record_dir: Path, steps: int) -> None:
+    """A committed record of the run at another budget would be reported as done at this one: refuse instead."""
+    results = record_dir / RESULTS_JSON
+    if (record_dir / PROTOCOL_JSON).is_file() and results.is_file():
+        done = json.loads(results.read_text())["steps"]
+        if done != steps:
+            raise FidelityError(f"--steps {steps}: {record_dir} records this run at {done} meta-steps; give that "
+                                f"budget, or another --record directory for a record at {steps}")
+
+
 def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str = str(RESULTS),
              val_episodes: int = 300, test_episodes: int = 1000, eval_episodes: int = 100, beside: str = "") -> None:
     """Train and score the runs of `plan` in order; each finished run's record goes to `record` (committed).
     `beside`: what ran on the other cores meanwhile (e.g. the other plan of a side-by-side pair), recorded with the
     run because seconds per meta-step depend on it."""
     runs = [parse_run(spec) for spec in str(plan).split(",") if spec.strip()]
+    for run in runs:  # before any work: a finished record is only "done" at the budget asked for
+        check_budget(Path(record) / run["name"], steps or STEPS[run["setting"]])
     for run in runs:
         record_dir = Path(record) / run["name"]
         if (record_dir / PROTOCOL_JSON).is_file():

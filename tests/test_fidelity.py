@@ -151,6 +151,23 @@ def test_the_learned_vs_grid_goal_names_the_beta_each_seed_was_given():
     assert "minus fixed β 0.015/0.02, sign (m=1, 2 seed(s)): +1.00 points (goal ≥ −1: met)" in "\n".join(goals(rows))
 
 
+def test_a_run_recorded_at_another_budget_is_refused_before_any_work(tmp_path):
+    """It used to print "done" and keep the 4000-step record for a plan asked at 8000 steps."""
+    import json
+
+    from bench.fidelity import run_plan
+    for name in ("20w1s_m1_fo-b0.1_s0", "20w1s_m1_fo-b0.1_s1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"steps": 4000}))
+        (tmp_path / name / "protocol.json").write_text("{}")
+    work = tmp_path / "work"
+    with pytest.raises(FidelityError, match=r"^--steps 8000: .*20w1s_m1_fo-b0.1_s1 records this run at 4000 "
+                                            r"meta-steps; give that budget, or another --record directory"):
+        run_plan("20w1s:m1:fo-b0.1:s1,20w1s:m1:sign:s2", work=str(work), steps=8000, record=str(tmp_path))
+    assert not work.exists(), "refused before any work"
+    run_plan("20w1s:m1:fo-b0.1:s0,20w1s:m1:fo-b0.1:s1", work=str(work), steps=4000, record=str(tmp_path))  # done
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("argv,fragment", [
     (["bench.fidelity", "run", "--plan", "5w1s:m1:fo:s0", "--work", "WORK", "--stepz", "10"],
