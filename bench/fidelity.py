@@ -99,15 +99,14 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
     """Train and score the runs of `plan` in order; each finished run's record goes to `record` (committed).
     `beside`: what ran on the other cores meanwhile (e.g. the other plan of a side-by-side pair), recorded with the
     run because seconds per meta-step depend on it."""
-    runs = [parse_run(spec) for spec in str(plan).split(",") if spec.strip()]
-    for run in runs:  # before any work: a finished record is only "done" at the budget asked for
-        check_budget(Path(record) / run["name"], steps or STEPS[run["setting"]])
-    for run in runs:
-        record_dir = Path(record) / run["name"]
+    parsed = [parse_run(spec) for spec in str(plan).split(",") if spec.strip()]
+    runs = [(run, Path(record) / run["name"], steps or STEPS[run["setting"]]) for run in parsed]
+    for _, record_dir, full_steps in runs:  # before any work: a finished record is only "done" at its own budget
+        check_budget(record_dir, full_steps)
+    for run, record_dir, full_steps in runs:
         if (record_dir / PROTOCOL_JSON).is_file():
             print(f"{run['name']}: done", flush=True)
             continue
-        full_steps = steps or STEPS[run["setting"]]
         run_dir = Path(work) / run["name"]
         load_before = machine_load()
         common = run_options(run, eval_episodes, started=run_dir / "final")

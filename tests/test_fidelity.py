@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
 import torch
 
-from bench.fidelity import FidelityError, parse_run
-from bench.fidelity_summary import goals, group_rows, markdown, plateau_gain, time_to_target
+from bench.fidelity import FidelityError, parse_run, run_plan
+from bench.fidelity_summary import goals, group_rows, markdown, plateau_gain, summarize, time_to_target
 from bench.protocol import PAPER_CELL, cell, choose_cell, grid_scores
 from dist_signmaml.metatest import STEP_COUNTS
 from tests.conftest import PYTHON, REPO_ROOT
@@ -125,9 +126,6 @@ def test_goals_also_compare_methods_trained_with_the_same_inner_steps():
 
 
 def test_summary_writes_the_table_and_every_figure_from_the_committed_records(tmp_path):
-    import json
-
-    from bench.fidelity_summary import summarize
     for name, rec in (("20w1s_m1_sign-lsl_s0", record(0, 0.80, 0.7, {"head.weight": [0.01]})),
                       ("20w1s_m1_sign-lsl_s1", record(1, 0.84, 0.7, {"head.weight": [0.02]})),
                       ("5w1s_m1_fo-b0.1_s0", record(0, 0.95, 0.94, variant="fo-b0.1", setting="5w1s"))):
@@ -153,9 +151,6 @@ def test_the_learned_vs_grid_goal_names_the_beta_each_seed_was_given():
 
 def test_a_run_recorded_at_another_budget_is_refused_before_any_work(tmp_path):
     """It used to print "done" and keep the 4000-step record for a plan asked at 8000 steps."""
-    import json
-
-    from bench.fidelity import run_plan
     for name in ("20w1s_m1_fo-b0.1_s0", "20w1s_m1_fo-b0.1_s1"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({"steps": 4000}))
