@@ -3,6 +3,7 @@ finished run's files committed under bench/results/fidelity/ so the grid can be 
 
     python -m bench.fidelity run --plan 20w1s:m1:sign-lsl:s0,20w1s:m1:fo:s0      # train + score, in this order
     python -m bench.fidelity summary                                          # table and plots from the results
+    python -m bench.fidelity park                # unfinished runs' newest checkpoints into the record, to commit
 
 A run is SETTING:mM:VARIANT:sSEED. Variants: a method (sign | fo | maml | signum), optionally with
   -lsl  learned inner step sizes per tensor and inner step (--learn_inner_lr layer_step), no beta grid: beta starts
@@ -14,6 +15,11 @@ edge, each run lasting 25% of the full run), chosen by validation accuracy. Each
 bench.reproduce's test stage: the test protocol (inner steps from {1,2,3,5,10,20} x beta scale {0.5,1,2}) chosen on
 300 validation episodes, then 1000 test episodes. This module adds what a reproduction across seeds and variants
 needs on top of those stages: the plan, the variants and the committed per-run records.
+
+A run lasts hours, and a checkout may not outlive the machine it ran on. `park` copies what an unfinished run needs
+to continue exactly (its newest verified checkpoint, best weights, logs; a finished beta grid's results) to
+RECORD/unfinished/<run>; commit it, and the same `run` command in a later checkout continues from there when its
+work directory has no copy of the run. The parked copy is removed once the run's record is written.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import fire
 from bench.common import machine_load
 from bench.protocol import PROTOCOL_JSON
 from bench.reproduce import GRID_SCALES, ReproduceError, choose_beta, grid_for, grid_steps_for, test_final, train_final
-from dist_signmaml.artifacts import CONFIG_JSON, RESULTS_JSON
+from dist_signmaml.artifacts import CHECKPOINT_DIR, CONFIG_JSON, LOCK_FILE, RESULTS_JSON
+from dist_signmaml.checkpointer import checkpoint_step, completed_checkpoints, verify_checkpoint
 from dist_signmaml.cli import unknown_options
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR, REPO_ROOT
 
@@ -40,6 +47,7 @@ STEPS = {"5w1s": 6000, "20w1s": 6000}  # full-run budgets (meta-steps) per setti
 TARGETS = {"5w1s": 0.90, "20w1s": 0.75}  # validation accuracy for the time-to-accuracy figure
 VALIDATIONS = 20  # validations per run (every 5%): the plateau check needs the last 20% resolved
 THREAD_ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one core per run (taskset the plan)
+UNFINISHED = "unfinished"  # RECORD/unfinished/<run>: the parked state of a run not finished yet
 RUN_PATTERN = re.compile(r"^(\d+)w(\d+)s:m(\d+):([a-z]+)((?:-lsl|-msl|-b[0-9.e-]+)*):s(\d+)$")
 
 
@@ -94,6 +102,67 @@ def check_budget(record_dir: Path, steps: int) -> None:
                                 f"budget, or another --record directory for a record at {steps}")
 
 
+def newest_good_checkpoint(run_dir: Path) -> Path | None:
+    for path in reversed(completed_checkpoints(run_dir)):
+        if verify_checkpoint(path)[0] is not None:
+            return path
+    return None
+
+
+def files_to_park(run_dir: Path) -> list[Path]:
+    """What continuing `run_dir` (a run with its beta grid) needs: everything but the locks and the checkpoints,
+    plus the newest verified checkpoint of each training run that has not finished (a finished one needs none)."""
+    keep = []
+    for folder, subfolders, files in os.walk(run_dir):
+        folder = Path(folder)
+        if CHECKPOINT_DIR in subfolders:
+            subfolders.remove(CHECKPOINT_DIR)
+            newest = None if (folder / RESULTS_JSON).is_file() else newest_good_checkpoint(folder)
+            if newest is not None:
+                keep += sorted(p for p in newest.rglob("*") if p.is_file())
+        keep += [folder / name for name in sorted(files) if name != LOCK_FILE]
+    return keep
+
+
+def park_run(run_dir: Path, parked: Path) -> str:
+    """Copy run_dir's resumable state to `parked` (replacing an older parking); returns what was parked."""
+    staging = parked.with_name(parked.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    files = files_to_park(run_dir)
+    for file in files:
+        target = staging / file.relative_to(run_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(file, target)
+    shutil.rmtree(parked, ignore_errors=True)
+    staging.rename(parked)
+    newest = newest_good_checkpoint(run_dir / "final")
+    where = f"step {checkpoint_step(newest)}" if newest else "its beta grid (the full run has no checkpoint yet)"
+    return f"{where}, {len(files)} files, {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB"
+
+
+def park(plan: str = "", work: str = "runs/fidelity", record: str = str(RESULTS)) -> None:
+    """Park every unfinished run of `work` (or only the runs of `plan`) under RECORD/unfinished/ for a commit."""
+    names = [parse_run(spec)["name"] for spec in str(plan).split(",") if spec.strip()] if plan else \
+        sorted(p.name for p in Path(work).iterdir() if p.is_dir()) if Path(work).is_dir() else []
+    parked = 0
+    for name in names:
+        run_dir = Path(work) / name
+        if (Path(record) / name / PROTOCOL_JSON).is_file() or not run_dir.is_dir():
+            continue  # finished (its record is committed) or never started here
+        print(f"{name}: parked {park_run(run_dir, Path(record) / UNFINISHED / name)} in "
+              f"{Path(record) / UNFINISHED / name}", flush=True)
+        parked += 1
+    if not parked:
+        print(f"nothing to park: no unfinished run{' of --plan' if plan else ''} in {work}", flush=True)
+
+
+def unpark(run_dir: Path, parked: Path) -> None:
+    """A run parked by an earlier checkout continues from there, unless this work directory has its own copy."""
+    if parked.is_dir() and not run_dir.exists():
+        shutil.copytree(parked, run_dir)
+        print(f"{run_dir.name}: continuing from the parked {parked}", flush=True)
+
+
 def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str = str(RESULTS),
              val_episodes: int = 300, test_episodes: int = 1000, eval_episodes: int = 100, beside: str = "") -> None:
     """Train and score the runs of `plan` in order; each finished run's record goes to `record` (committed).
@@ -107,7 +176,8 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
         if (record_dir / PROTOCOL_JSON).is_file():
             print(f"{run['name']}: done", flush=True)
             continue
-        run_dir = Path(work) / run["name"]
+        run_dir, parked = Path(work) / run["name"], Path(record) / UNFINISHED / run["name"]
+        unpark(run_dir, parked)
         load_before = machine_load()
         common = run_options(run, eval_episodes, started=run_dir / "final")
         beta, grid = beta_for(run, full_steps, run_dir, common, THREAD_ENV)
@@ -123,6 +193,7 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
                       **({"note": f"beside: {beside}"} if beside else {})}
         (record_dir / PROTOCOL_JSON).write_text(json.dumps(protocol | {"beta_grid": grid, "conditions": conditions},
                                                            indent=1) + "\n")
+        shutil.rmtree(parked, ignore_errors=True)  # the record supersedes it
         chosen = protocol["test_chosen"]
         print(f"{run['name']}: test {100 * chosen['accuracy']:.2f}% at {chosen['inner_steps']} steps "
               f"x{chosen['lr_scale']:g} (paper's protocol {100 * protocol['test_paper']['accuracy']:.2f}%); "
@@ -131,11 +202,11 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
 
 def main(command: str = "", **options) -> None:
     try:
-        if command not in ("run", "summary"):
-            raise FidelityError(f"give a command: run --plan ... | summary (got {command!r}; "
+        if command not in ("run", "summary", "park"):
+            raise FidelityError(f"give a command: run --plan ... | summary | park (got {command!r}; "
                                 "python -m bench.fidelity --help)")
-        if command == "run":
-            function = run_plan
+        if command in ("run", "park"):
+            function = run_plan if command == "run" else park
         else:
             from bench.fidelity_summary import summarize as function
         complaint = unknown_options(options, function)

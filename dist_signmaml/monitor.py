@@ -108,6 +108,12 @@ class RunningStats:
     def summary(self) -> dict:
         return {"mean": self.mean, "std": self.std, "count": self.count}
 
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self._m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self._m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
 
 def step_size_scalars(step_sizes: dict[str, float | list[float]]) -> dict[str, float]:
     """Learned betas as TensorBoard scalars: inner/lr/<tensor> (--learn_inner_lr layer), or
@@ -188,6 +194,17 @@ class TrainMonitor:
                         step=step)
         self.progress.set_postfix(loss=f"{means['train/loss']:.3f}", acc=f"{means['train/accuracy_after']:.3f}")
         self._window = []
+
+    def state_dict(self, step: int | None = None) -> dict:
+        """What the run's summary counts over every step: a resumed run reports its seconds per meta-iteration and
+        its skipped updates over the whole run, not over the last process only."""
+        return {"iteration_seconds": self.iteration_seconds.state_dict(), "nonfinite_skipped": self.nonfinite_skipped}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if not state:  # a checkpoint written before the monitor was saved: the counts start at the resume
+            return
+        self.iteration_seconds.load_state_dict(state["iteration_seconds"])
+        self.nonfinite_skipped = int(state["nonfinite_skipped"])
 
     def close(self):
         self.progress.close()

@@ -81,7 +81,7 @@ def meta_train(config: TrainConfig, engine, threads: tuple[int, str, list[int] |
                               every=config.eval_every, last_step=config.steps, inner_steps=config.test_inner_steps,
                               tasks_per_batch=engine.tasks_per_rank(config.meta_batch), out_dir=config.out,
                               export_metadata=export_metadata, select=config.val_select)
-        checkpointer.register(validator=validator, episode_stream=stream)
+        checkpointer.register(validator=validator, episode_stream=stream, monitor=monitor)
         profiler = StepProfiler(config.profile_steps, config.out, engine.rank, engine.device, config.steps)
         phase = profiler.phases(monitor.phase)  # the monitor's phase timers, labelled in the profile (--profile_steps)
         checkpointer.on_stop(profiler.close, functools.partial(manifest.finish, "stopped"))

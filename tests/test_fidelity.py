@@ -168,7 +168,7 @@ def test_a_run_recorded_at_another_budget_is_refused_before_any_work(tmp_path):
     (["bench.fidelity", "run", "--plan", "5w1s:m1:fo:s0", "--work", "WORK", "--stepz", "10"],
      "run: unknown option(s) --stepz; known: --plan"),
     (["bench.fidelity", "summary", "--bogus", "1"], "summary: unknown option(s) --bogus; known: --root"),
-    (["bench.fidelity", "train"], "give a command: run --plan ... | summary (got 'train'"),
+    (["bench.fidelity", "train"], "give a command: run --plan ... | summary | park (got 'train'"),
     (["bench.protocol", "RUN", "--val_episode", "3"], "unknown option(s) --val_episode; known: --run_dir, --val_episodes"),
 ])
 def test_a_bad_command_line_gets_one_line_before_any_work(argv, fragment, tmp_path, subprocess_env):
@@ -187,3 +187,69 @@ def test_help_prints_the_usage(subprocess_env):
     result = subprocess.run([PYTHON, "-m", "bench.fidelity", "--help"], capture_output=True, text=True,
                             env=subprocess_env, timeout=120, cwd=REPO_ROOT)
     assert result.returncode == 0 and "SETTING:mM:VARIANT:sSEED" in result.stdout, result.stderr[-2000:]
+
+
+def fake_checkpoint(folder, step: int, damaged: bool = False):
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"w" * 10)
+    files = {"model.safetensors": {"bytes": 99 if damaged else 10, "sha256": ""}} if damaged else {}
+    (folder / "train_state.json").write_text(json.dumps({"step": step, "files": files}))
+
+
+def test_park_carries_an_unfinished_run_to_a_later_checkout_which_continues_it(tmp_path, monkeypatch, capsys):
+    """A run's checkpoints lived only in the work directory, so a new checkout lost hours of training. `park`
+    copies what continuing needs into the record (newest good checkpoint, best weights, logs, finished grid runs'
+    results, no lock); `run` in a fresh work directory continues from it and removes it once the record exists."""
+    import bench.fidelity as fidelity
+
+    work, record, name = tmp_path / "work", tmp_path / "record", "20w1s_m5_maml-b0.2_s0"
+    final = work / name / "final"
+    fake_checkpoint(final / "checkpoints" / "step_00000200", 200)
+    fake_checkpoint(final / "checkpoints" / "step_00000400", 400)
+    fake_checkpoint(final / "checkpoints" / "step_00000600", 600, damaged=True)  # a bad newest falls back
+    for file in ("config.json", "run.lock", "model_best.safetensors", "tb/events.out"):
+        (final / file).parent.mkdir(parents=True, exist_ok=True)
+        (final / file).write_text("{}")
+    grid_run = work / name / "beta_maml" / "beta0.1"
+    fake_checkpoint(grid_run / "checkpoints" / "step_00000100", 100)
+    (grid_run / "results.json").write_text("{}")  # finished: its checkpoint is not needed
+    finished = work / "20w1s_m1_fo-b0.1_s0"
+    finished.mkdir()
+    (record / finished.name).mkdir(parents=True)
+    (record / finished.name / "protocol.json").write_text("{}")
+
+    fidelity.park(work=str(work), record=str(record))
+    parked = record / "unfinished" / name
+    assert sorted(str(p.relative_to(parked)) for p in parked.rglob("*") if p.is_file()) == [
+        "beta_maml/beta0.1/results.json", "final/checkpoints/step_00000400/model.safetensors",
+        "final/checkpoints/step_00000400/train_state.json", "final/config.json", "final/model_best.safetensors",
+        "final/tb/events.out"]
+    assert not (record / "unfinished" / finished.name).exists(), "a run with a record is not parked"
+    assert f"{name}: parked step 400, 6 files" in capsys.readouterr().out
+
+    later = tmp_path / "later"
+    seen = []
+
+    def train_final(run_dir, *args):
+        seen.append(sorted(p.name for p in (run_dir / "checkpoints").iterdir()))
+        (run_dir / "results.json").write_text(json.dumps({"steps": 4000, "best_val": {"accuracy": 0.9}}))
+
+    protocol = {"test_chosen": {"accuracy": 0.9, "inner_steps": 5, "lr_scale": 1.0}, "test_paper": {"accuracy": 0.9}}
+    monkeypatch.setattr(fidelity, "train_final", train_final)
+    monkeypatch.setattr(fidelity, "test_final", lambda *args: protocol)
+    run_plan("20w1s:m5:maml-b0.2:s0", work=str(later), steps=4000, record=str(record))
+    assert seen == [["step_00000400"]], "the later checkout trained from the parked checkpoint"
+    assert (record / name / "protocol.json").is_file() and not parked.exists(), "the record supersedes the parking"
+
+
+def test_a_work_directory_with_its_own_copy_of_the_run_is_not_replaced_by_the_parked_one(tmp_path):
+    from bench.fidelity import unpark
+
+    (tmp_path / "parked" / "final").mkdir(parents=True)
+    (tmp_path / "parked" / "final" / "config.json").write_text("parked")
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "config.json").write_text("own")
+    unpark(tmp_path / "run", tmp_path / "parked")
+    assert (tmp_path / "run" / "final" / "config.json").read_text() == "own"
+    unpark(tmp_path / "fresh", tmp_path / "parked")
+    assert (tmp_path / "fresh" / "final" / "config.json").read_text() == "parked"

@@ -187,6 +187,21 @@ def test_skip_step_skips_non_finite_updates_and_counts_them(tmp_path, tiny_data,
     assert all(bool(torch.isfinite(t).all()) for t in weights.values())
 
 
+def test_a_resumed_run_counts_its_timings_and_skipped_updates_over_the_whole_run(tmp_path, tiny_data, monkeypatch):
+    """Steps 2 and 5 are skipped as non-finite; the run is resumed from step 3. The summary's seconds per
+    meta-iteration cover every timed step of both processes (each process's first step is not timed), and the
+    skipped count goes on from the checkpoint's, as in the uninterrupted run."""
+    import shutil
+
+    poison_loss_at(monkeypatch, {2, 5, 8})  # calls 1-6: the first run's steps 1-6; calls 7-9: steps 4-6 resumed
+    first = run(tmp_path, tiny_data, steps=6, ckpt_every=3, on_nonfinite="skip_step")
+    assert first["seconds_per_meta_iteration"]["count"] == 3  # steps 3, 4, 6
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000006")
+    resumed = run(tmp_path, tiny_data, steps=6, ckpt_every=3, on_nonfinite="skip_step", resume=True)
+    assert resumed["seconds_per_meta_iteration"]["count"] == 2  # step 3 from the checkpoint, step 6 resumed
+    assert event_steps(tmp_path / "run" / "tb", "train/nonfinite_steps_skipped") == [(2, 1.0), (5, 2.0)]
+
+
 @pytest.mark.parametrize("flag,value", [("outer_lr", 1e400), ("inner_lr", float("nan")), ("inner_lr", 1e30)])
 def test_non_finite_or_overflowing_learning_rates_are_refused(flag, value):
     with pytest.raises(ConfigError, match=rf"--{flag}=.* is invalid: expected a finite positive number below 1e6"):
