@@ -17,6 +17,29 @@ def machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
+REFERENCE_WORK = "one thread, a 3x3 convolution 64->64 channels on 40 images of 14x14, forward and backward"
+
+
+def reference_seconds(repeats: int = 9) -> float:
+    """Median seconds of a fixed workload (REFERENCE_WORK, about conv4's middle layer on a 20-way episode) on one
+    thread of this process's cores. Load averages say whether the machine was busy, not how fast a core was that
+    day: runs measured in different sessions are compared through this figure."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(40, 64, 14, 14, generator=generator, requires_grad=True)
+        kernel = torch.randn(64, 64, 3, 3, generator=generator, requires_grad=True)
+        times = []
+        for _ in range(repeats + 1):  # the first pass allocates: not timed
+            started = time.perf_counter()
+            torch.nn.functional.conv2d(images, kernel, padding=1).square().sum().backward()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[1:])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def machine_load() -> dict:
     """How busy the machine was, for a table's header: `uptime`'s load averages, the cores, and the processes
     other than this one using a CPU right now (from /proc: more than 10% of a core since they started, which is
@@ -38,6 +61,7 @@ def machine_load() -> dict:
         busy = ["unknown (ps failed)"]
     return {"load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()], "cpu_cores": os.cpu_count(),
             "pinned_to_cores": sorted(os.sched_getaffinity(0)), "busy_processes": busy,
+            "reference_seconds": reference_seconds(), "reference_work": REFERENCE_WORK,
             "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 

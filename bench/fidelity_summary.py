@@ -15,6 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
+from bench.common import REFERENCE_WORK
 from bench.protocol import PROTOCOL_JSON
 from dist_signmaml.artifacts import RESULTS_JSON
 from dist_signmaml.metatest import selected_score
@@ -124,14 +125,21 @@ def conditions_line(rows: list[dict]) -> str:
             if not c:
                 parts.append(f"{r['setting']} m{r['inner_steps']} {r['variant']}: load not recorded")
                 continue
-            load = (c.get("load_before") or {}).get("load_average_1_5_15min", "not recorded")
+            before = c.get("load_before") or {}
+            load = before.get("load_average_1_5_15min", "not recorded")
+            speed = [f"{1000 * (c.get(k) or {}).get('reference_seconds'):.1f}" for k in ("load_before", "load_after")
+                     if (c.get(k) or {}).get("reference_seconds")]
             parts.append(f"{r['setting']} m{r['inner_steps']} {r['variant']}: pinned to core(s) "
-                         f"{c.get('pinned_cores')}, load {load}" + (f" ({c['note']})" if c.get("note") else ""))
+                         f"{c.get('pinned_cores')}, load {load}"
+                         + (f", reference workload {'/'.join(speed)} ms before/after" if speed else "")
+                         + (f" ({c['note']})" if c.get("note") else ""))
     together = any(c and c.get("side_by_side") for r in rows for c in r["conditions"])
     how = ("some runs side by side (one core each, named per run), others one after another" if together else
            "runs one after another, each pinned to one core, NOT side by side")
+    calibrated = any("reference workload" in part for part in parts)
     return (f"Measuring conditions: {how}; seconds per meta-step and time to target are only as good as the load "
-            f"recorded per run. " + "; ".join(parts) + ".")
+            f"recorded per run" + (f" and the core's speed (the reference workload: {REFERENCE_WORK}; a slower core "
+                                    f"shows a higher figure)" if calibrated else "") + ". " + "; ".join(parts) + ".")
 
 
 def best_of(rows: list[dict], algo: str, learned: bool | None = None) -> dict | None:

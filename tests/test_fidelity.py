@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bench.fidelity import FidelityError, parse_run, run_plan
-from bench.fidelity_summary import goals, group_rows, markdown, plateau_gain, summarize, time_to_target
+from bench.common import reference_seconds
+from bench.fidelity_summary import conditions_line, goals, group_rows, markdown, plateau_gain, summarize, time_to_target
 from bench.protocol import PAPER_CELL, cell, choose_cell, grid_scores
 from dist_signmaml.metatest import STEP_COUNTS
 from tests.conftest import PYTHON, REPO_ROOT
@@ -253,3 +254,21 @@ def test_a_work_directory_with_its_own_copy_of_the_run_is_not_replaced_by_the_pa
     assert (tmp_path / "run" / "final" / "config.json").read_text() == "own"
     unpark(tmp_path / "fresh", tmp_path / "parked")
     assert (tmp_path / "fresh" / "final" / "config.json").read_text() == "parked"
+
+
+def test_the_conditions_give_each_runs_core_speed_when_it_was_measured():
+    """Load averages said the cores were busy but not that a whole session ran 2.5x slower per meta-step than the
+    one before; the reference workload's seconds, before and after each run, show it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    seconds = reference_seconds(repeats=3)
+    assert 0 < seconds < 5 and torch.get_num_threads() == threads
+    timed = {"pinned_cores": [1], "load_before": {"load_average_1_5_15min": [1.0, 1.0, 1.0], "reference_seconds": 0.012},
+             "load_after": {"reference_seconds": 0.0305}}
+    rows = [{"setting": "20w1s", "inner_steps": 5, "variant": "fo-b0.1", "conditions": [timed, {"pinned_cores": [0]}]}]
+    line = conditions_line(rows)
+    assert "20w1s m5 fo-b0.1: pinned to core(s) [1], load [1.0, 1.0, 1.0], reference workload 12.0/30.5 ms " \
+           "before/after" in line and "the reference workload: one thread, a 3x3 convolution" in line, line
+    assert line.endswith("20w1s m5 fo-b0.1: pinned to core(s) [0], load not recorded.")  # older records: no figure
+    assert "reference workload" not in conditions_line([rows[0] | {"conditions": [{"pinned_cores": [0]}]}])
