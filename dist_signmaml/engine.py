@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -272,8 +273,13 @@ class Engine:
             if not lost:
                 raise
             first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-            raise PeerLostError(f"rank {self.rank}: {what} failed after {failed_after:.1f} s because {lost}. "
-                                f"Original error: {first_line}") from error
+            lost_error = PeerLostError(f"rank {self.rank}: {what} failed after {failed_after:.1f} s because {lost}. "
+                                       f"Original error: {first_line}")
+            # Said now, not by whoever catches it: the launcher has seen the peer die too and sends this rank
+            # SIGTERM within a fraction of a second, which the default handler (back in place once the training
+            # loop has unwound) turns into a silent exit before any traceback is printed.
+            print(f"{type(lost_error).__name__}: {lost_error}", file=sys.stderr, flush=True)
+            raise lost_error from error
 
     def _ping_peers(self) -> str:
         """Rank 0 waits for a token from every other rank, each other rank sends one to rank 0; a closed connection

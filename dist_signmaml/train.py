@@ -26,7 +26,7 @@ from dist_signmaml.config import ConfigError, TrainConfig
 from dist_signmaml.config_files import CONFIG_FLAG, CONFIG_YAML, write_config_yaml
 from dist_signmaml.data import train_loader
 from dist_signmaml.data.format import ShardFormatError
-from dist_signmaml.engine import DistributedSetupError, Engine, NonFiniteError
+from dist_signmaml.engine import DistributedSetupError, Engine, NonFiniteError, PeerLostError
 from dist_signmaml.optim import OuterLRSchedule
 from dist_signmaml.monitor import (TrainMonitor, Validator, final_test, log_config_text, log_final_hparams,
                                    summarize_run)
@@ -176,6 +176,8 @@ def main(**options) -> None:
         if os.environ.get("RANK", "0") == "0" or isinstance(error, RANK_SPECIFIC):
             print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(next(code for kind, code in EXPECTED_ERRORS.items() if isinstance(error, kind)))
+    except PeerLostError:  # its rank printed it when it was diagnosed (engine.naming_lost_peers)
+        sys.exit(1)
 
 
 # The CLI signature and help come from TrainConfig, so `--help` lists every option with its default.

@@ -6,11 +6,13 @@ import json
 import os
 import re
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_signmaml.engine import Engine, PeerLostError
 from dist_signmaml.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
 from tests.dist_scripts.launching import (TINY_TRAIN, TRAIN, checkpoint_steps, child_env, kill_tree, logged_losses,
                                           run, start, two_cpu_ranks, wait_for, worker_pids)
@@ -104,6 +106,24 @@ def test_a_rank_that_dies_makes_the_other_fail_fast_naming_it(tmp_path, omniglot
     assert "PeerLostError: rank 0:" in log and "rank 1 is gone (its connection closed: the process died)" in log, \
         log[-4000:]
     assert "did not answer in time" not in log, log[-4000:]
+
+
+@pytest.mark.unit
+def test_a_lost_peer_is_reported_when_diagnosed_before_the_launchers_sigterm_can_silence_it(capsys):
+    """torchrun's agent SIGTERMs the survivors a fraction of a second after a rank dies. The error must be on stderr
+    before the training loop unwinds (and gives SIGTERM its default, silent action back), not left to the caller."""
+    surviving_rank = SimpleNamespace(rank=0, _control=object(),
+                                     _ping_peers=lambda: "rank 1 is gone (its connection closed: the process died)")
+    with pytest.raises(PeerLostError) as raised:
+        with Engine.naming_lost_peers(surviving_rank, "the meta-gradient all-reduce"):
+            try:
+                raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242")
+            finally:
+                assert capsys.readouterr().err == "", "nothing said before the collective failed"
+    said = capsys.readouterr().err
+    assert said == f"PeerLostError: {raised.value}\n"
+    assert said.startswith("PeerLostError: rank 0: the meta-gradient all-reduce failed after ")
+    assert "because rank 1 is gone (its connection closed: the process died). Original error: [gloo/" in said
 
 
 def test_a_rank_that_hangs_makes_the_other_fail_after_the_timeout_naming_it(tmp_path, omniglot_root):

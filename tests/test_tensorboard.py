@@ -97,7 +97,9 @@ def test_summary_best_weights_and_resumed_validation_history(finished_run):
     assert results["test"]["weights"] == "model_best.safetensors"
     assert results["test"]["weights_step"] == results["best_val"]["step"]
     assert results["test"]["episodes"] == 3 and results["val"]["step"] == 6
-    assert results["seconds_per_meta_iteration"]["count"] == 1, "6 steps in two sessions, the first of each untimed"
+    assert first["seconds_per_meta_iteration"]["count"] == 3, "4 steps, the first untimed"
+    assert results["seconds_per_meta_iteration"]["count"] == 3 + 1, \
+        "6 steps in two sessions, the first of each untimed, counted over the whole run"
     assert (out / "model_best.safetensors").is_file() and (out / "model.safetensors").is_file()
     table = (out / "results.md").read_text()
     assert "| test |" in table and "| val (best) |" in table
