@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -131,24 +132,45 @@ def write_json(result: dict, path: str | None):
 
 def bench_learner(image_shape, device, **options):
     """The trainer's own MetaLearner (build_learner) for `options` (TrainConfig fields, e.g. algo, backbone,
-    channels_last, compile), with the trainer's optimizer (optim.build_optimizer). Per-algorithm constants
+    channels_last, compile), with the trainer's optimizer (builders.build_optimizer). Per-algorithm constants
     (the inner learning rate) come from the config's defaults, as in training."""
-    try:
-        from dist_signmaml.builders import build_learner
-    except ImportError:  # before the builders module exists
-        from dist_signmaml.builders import build_learner
+    from dist_signmaml.builders import build_learner, build_optimizer
     from dist_signmaml.config import TrainConfig
-    from dist_signmaml.optim import build_optimizer
 
     config = TrainConfig.from_options(**options)
     learner = build_learner(config, image_shape, device).to(device)
-    return learner, build_optimizer(learner, config.outer_lr, config.inner_lr_lr)
+    return learner, build_optimizer(config, learner)
 
 
 def meta_step(learner, optimizer, batch) -> None:
-    """One single-device meta-step in the engine's order (Engine.meta_step without the distributed wrapper):
-    the meta-loss of the task batch, its backward, the optimizer step, gradients released."""
-    output = learner(*batch)
-    output.loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    """One single-device meta-step in the engine's order (Engine.meta_step without the distributed wrapper)."""
+    from dist_signmaml.builders import local_meta_step
+
+    local_meta_step(learner, optimizer, batch)
+
+
+# ---- variants: a method and the options it trains with, as bench.fidelity's runs and bench.cost's grid name them --
+
+VARIANT_PATTERN = r"([a-z]+)((?:-lsl|-msl|-b[0-9.e-]+)*)"
+
+
+def variant_options(variant: str) -> dict:
+    """`sign-lsl-msl` -> the method and its options: -lsl learned step sizes per tensor and inner step, -msl the
+    multi-step loss, -b<beta> a fixed beta (None: the method's default, or a grid's)."""
+    from dist_signmaml.config import DEFAULT_INNER_LR
+
+    match = re.fullmatch(VARIANT_PATTERN, variant.strip())
+    if not match or match.group(1) not in DEFAULT_INNER_LR:
+        raise ValueError(f"{variant!r} is not a variant: expected a method ({', '.join(DEFAULT_INNER_LR)}) followed by "
+                         f"any of -lsl, -msl, -b<beta>, e.g. sign-lsl-msl")
+    algo, suffix = match.groups()
+    beta = re.search(r"-b([0-9.e-]+)", suffix)
+    return {"algo": algo, "learned": "-lsl" in suffix, "multi_step_loss": "-msl" in suffix,
+            "beta": float(beta.group(1)) if beta else None}
+
+
+def variant_train_options(variant: str) -> dict:
+    """The TrainConfig options of a variant (beta only when it is fixed by -b)."""
+    v = variant_options(variant)
+    return ({"algo": v["algo"], "learn_inner_lr": "layer_step" if v["learned"] else "none",
+             "multi_step_loss": v["multi_step_loss"]} | ({"inner_lr": v["beta"]} if v["beta"] is not None else {}))

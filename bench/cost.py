@@ -2,7 +2,12 @@
 
     python -m bench.cost --ways 5,20 --queries 1,15 --inner_steps 1,5,10 --meta_batch 4,32 --repeats 20
     python -m bench.cost --implementations ours,compile,reference --meta_batch 32   # ours vs the clone-loop reference
+    python -m bench.cost --ways 20 --queries 1 --inner_steps 1,5 --algos sign,sign-lsl,sign-lsl-msl,fo,maml
     bash bench/run.sh                                                        # every grid of the README's tables
+
+`--algos` takes bench.fidelity's variants as well as methods (sign-lsl: learned step sizes per tensor and step,
+-msl: the multi-step loss, -b<beta>: a fixed beta), so the fidelity table's time goal (Sign-MAML at most 0.5x
+MAML's seconds per meta-step) can be read from one interleaved run instead of training runs timed on different days.
 
 Every configuration runs a real meta-step (forward, outer backward, Adam step) on real Omniglot episodes drawn once
 up front (data loading is not timed). Timed rounds are interleaved across the configurations of a setting, so
@@ -27,7 +32,7 @@ import fire
 import torch
 
 from bench.common import (bench_learner, interleaved_medians, machine, machine_load, meta_step, peak_memory_bytes,
-                          write_json)
+                          variant_train_options, write_json)
 from bench.reference import CloneLoopMetaStep, learn2learn_available, reference_conv4
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR
 from dist_signmaml.cpu_allocator import keep_freed_memory
@@ -47,18 +52,39 @@ def as_list(value, cast=int) -> list:
     return [cast(v) for v in str(value).split(",") if v != ""]
 
 
-def build_step(algo: str, implementation: str, inner_steps: int, batch, ways: int):
-    """A closure running one full meta-step of (algo, implementation) on `batch`."""
+def build_step(variant: str, implementation: str, inner_steps: int, batch, ways: int):
+    """A closure running one full meta-step of (variant, implementation) on `batch`."""
     torch.manual_seed(0)
     channels, size = batch.support_x.shape[2], batch.support_x.shape[-1]
     device = batch.support_x.device
+    options = variant_train_options(variant)
     if implementation == "reference":
         model = reference_conv4(channels, ways, image_size=size).to(device)
-        reference = CloneLoopMetaStep(model, algo, DEFAULT_INNER_LR[algo], inner_steps, backend=REFERENCE_BACKEND)
+        beta = options.get("inner_lr", DEFAULT_INNER_LR[options["algo"]])
+        reference = CloneLoopMetaStep(model, options["algo"], beta, inner_steps, backend=REFERENCE_BACKEND)
         return lambda: reference(*batch) and None
-    learner, optimizer = bench_learner((size, size, channels), device, algo=algo, ways=ways,
-                                       inner_steps=inner_steps, **OPTIONS[implementation])
+    learner, optimizer = bench_learner((size, size, channels), device, ways=ways, inner_steps=inner_steps,
+                                       **options, **OPTIONS[implementation])
     return lambda: meta_step(learner, optimizer, batch)
+
+
+def check_variants(variants: list[str], implementations: list[str]) -> None:
+    """Refuse, before any work, a variant that is not one, or one the clone-loop reference cannot run."""
+    for variant in variants:
+        try:
+            options = variant_train_options(variant)
+        except ValueError as error:
+            raise SystemExit(f"error: --algos: {error}") from None
+        if "reference" in implementations and (options["learn_inner_lr"] != "none" or options["multi_step_loss"]):
+            raise SystemExit(f"error: --algos {variant}: the clone-loop reference has fixed step sizes and the "
+                             f"final-step loss only; time it with --implementations other than reference")
+
+
+def method_ratios(median: dict[str, float], variants: list[str]) -> dict[str, float]:
+    """Each variant's median over FO-MAML's and MAML's (ours), e.g. 'sign/fo', 'sign-lsl-msl/maml'."""
+    return {f"{v}/{base}": median[f"{v}@ours"] / median[f"{base}@ours"]
+            for v in variants for base in ("fo", "maml")
+            if v != base and f"{v}@ours" in median and f"{base}@ours" in median}
 
 
 def main(ways="5", shots: int = 1, queries="1,15", inner_steps="1", meta_batch="4", algos="sign,fo,maml",
@@ -69,7 +95,7 @@ def main(ways="5", shots: int = 1, queries="1,15", inner_steps="1", meta_batch="
 
     Args:
         ways, queries, inner_steps, meta_batch: comma-separated lists; every combination is a setting.
-        algos: comma-separated subset of sign,fo,maml.
+        algos: comma-separated methods (sign, fo, maml, signum) or variants of them (module docstring).
         implementations: comma-separated subset of IMPLEMENTATIONS (module docstring).
         repeats, warmup: timed and untimed interleaved rounds per setting.
         threads: torch intra-op threads.
@@ -84,6 +110,7 @@ def main(ways="5", shots: int = 1, queries="1,15", inner_steps="1", meta_batch="
     unknown = sorted(set(implementations) - set(IMPLEMENTATIONS))
     if unknown:
         raise SystemExit(f"error: --implementations has {unknown}; expected a subset of {IMPLEMENTATIONS}")
+    check_variants(algos, implementations)
     results = {"machine": machine(), "load_before": machine_load(), "reference_backend": REFERENCE_BACKEND,
                "shots": shots, "repeats": repeats, "warmup": warmup, "settings": []}
     for w, q, m, p in itertools.product(as_list(ways), as_list(queries), as_list(inner_steps), as_list(meta_batch)):
@@ -95,10 +122,7 @@ def main(ways="5", shots: int = 1, queries="1,15", inner_steps="1", meta_batch="
         timing = interleaved_medians(steps, repeats, warmup)
         entry["step_s"] = timing
         median = {name: t["median_s"] for name, t in timing.items()}
-        ratios = {}
-        for a, b in (("sign", "fo"), ("sign", "maml")):
-            if f"{a}@ours" in median and f"{b}@ours" in median:
-                ratios[f"{a}/{b}"] = median[f"{a}@ours"] / median[f"{b}@ours"]
+        ratios = method_ratios(median, algos)
         for algo in algos:
             for impl in implementations:
                 if impl != "reference" and f"{algo}@reference" in median:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import fire
 
-from bench.common import machine_load
+from bench.common import VARIANT_PATTERN, machine_load, variant_options, variant_train_options
 from bench.protocol import PROTOCOL_JSON
 from bench.reproduce import GRID_SCALES, ReproduceError, choose_beta, grid_for, grid_steps_for, test_final, train_final
 from dist_signmaml.artifacts import CHECKPOINT_DIR, CONFIG_JSON, LOCK_FILE, RESULTS_JSON
@@ -48,7 +48,7 @@ TARGETS = {"5w1s": 0.90, "20w1s": 0.75}  # validation accuracy for the time-to-a
 VALIDATIONS = 20  # validations per run (every 5%): the plateau check needs the last 20% resolved
 THREAD_ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one core per run (taskset the plan)
 UNFINISHED = "unfinished"  # RECORD/unfinished/<run>: the parked state of a run not finished yet
-RUN_PATTERN = re.compile(r"^(\d+)w(\d+)s:m(\d+):([a-z]+)((?:-lsl|-msl|-b[0-9.e-]+)*):s(\d+)$")
+RUN_PATTERN = re.compile(rf"^(\d+)w(\d+)s:m(\d+):({VARIANT_PATTERN}):s(\d+)$")
 
 
 class FidelityError(ValueError):
@@ -59,14 +59,13 @@ def parse_run(spec: str) -> dict:
     match = RUN_PATTERN.match(spec.strip())
     if not match:
         raise FidelityError(f"--plan: {spec!r} is not SETTING:mM:VARIANT:sSEED, e.g. 20w1s:m1:sign-lsl:s0")
-    ways, shots, m, algo, suffix, seed = match.groups()
-    if algo not in DEFAULT_INNER_LR:
-        raise FidelityError(f"--plan: {spec!r}: {algo!r} is not a method; expected one of {', '.join(DEFAULT_INNER_LR)}")
-    beta = re.search(r"-b([0-9.e-]+)", suffix)
+    ways, shots, m, variant, _algo, _suffix, seed = match.groups()
+    try:
+        options = variant_options(variant)
+    except ValueError as error:
+        raise FidelityError(f"--plan: {spec!r}: {error}") from None
     return {"name": spec.strip().replace(":", "_"), "setting": f"{ways}w{shots}s", "ways": int(ways),
-            "shots": int(shots), "inner_steps": int(m), "algo": algo, "learned": "-lsl" in suffix,
-            "multi_step_loss": "-msl" in suffix, "beta": float(beta.group(1)) if beta else None, "seed": int(seed),
-            "variant": algo + suffix}
+            "shots": int(shots), "inner_steps": int(m), **options, "seed": int(seed), "variant": variant}
 
 
 def run_options(run: dict, eval_episodes: int, started: Path | None = None) -> dict:
@@ -76,10 +75,11 @@ def run_options(run: dict, eval_episodes: int, started: Path | None = None) -> d
     val_select = "any_steps"
     if started is not None and (started / CONFIG_JSON).is_file():
         val_select = json.loads((started / CONFIG_JSON).read_text()).get("val_select", "test_steps")
+    variant = variant_train_options(run["variant"])  # algo and beta are bench.reproduce's to set
     return {"ways": run["ways"], "shots": run["shots"], "queries": 1, "inner_steps": run["inner_steps"],
             "test_inner_steps": 10, "seed": run["seed"], "eval_episodes": eval_episodes, "log_every": 50,
-            "data": str(DEFAULT_DATA), "learn_inner_lr": "layer_step" if run["learned"] else "none",
-            "multi_step_loss": run["multi_step_loss"], "val_select": val_select}
+            "data": str(DEFAULT_DATA), "learn_inner_lr": variant["learn_inner_lr"],
+            "multi_step_loss": variant["multi_step_loss"], "val_select": val_select}
 
 
 def beta_for(run: dict, steps: int, work: Path, common: dict, env: dict) -> tuple[float, list[dict]]:

@@ -13,6 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_signmaml.config import REPO_ROOT
+from bench import cost
 from bench.common import bench_learner, meta_step
 from bench.efficiency import layer_forward_flops, meta_step_flops
 from dist_signmaml.cpu_allocator import keep_freed_memory
@@ -49,6 +50,47 @@ def test_bench_meta_step_uses_the_trainers_defaults_and_updates_the_weights():
     meta_step(learner, optimizer, episode_batch(2, 5, 1, 2, 28, channels=1))
     assert all(p.grad is None for p in learner.parameters())  # released, as the engine does
     assert any(not torch.equal(a, p) for a, p in zip(before, learner.parameters()))
+
+
+def test_cost_times_fidelity_variants_with_their_options_and_gives_each_one_over_maml(tmp_path, omniglot_root, capsys):
+    """bench.cost --algos takes bench.fidelity's variants: each builds the trainer's learner with the variant's
+    options, and the ratios put each variant over FO-MAML and MAML, from medians of the same interleaved rounds."""
+    built = {}
+    real_build_step = cost.build_step
+
+    def spying_build_step(variant, implementation, inner_steps, batch, ways):
+        step = real_build_step(variant, implementation, inner_steps, batch, ways)
+        built[variant] = step.__closure__  # the closure holds the learner it steps
+        return step
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cost, "build_step", spying_build_step)
+        cost.main(ways="3", queries="1", inner_steps="2", meta_batch="2", algos="sign-lsl-msl,fo,maml", repeats=1,
+                  warmup=0, threads=1, memory=False, data=str(omniglot_root), out=str(tmp_path / "cost.json"))
+    capsys.readouterr()
+    learners = {v: next(c.cell_contents for c in cells if isinstance(c.cell_contents, torch.nn.Module))
+                for v, cells in built.items()}
+    assert learners["sign-lsl-msl"].rule.name == "sign" and learners["sign-lsl-msl"].multi_step_loss
+    assert learners["sign-lsl-msl"].learn_inner_lr == "layer_step" and learners["maml"].learn_inner_lr == "none"
+    assert not learners["fo"].multi_step_loss and learners["maml"].rule.name == "maml"
+    setting = json.loads((tmp_path / "cost.json").read_text())["settings"][0]
+    median = {name: timing["median_s"] for name, timing in setting["step_s"].items()}
+    assert set(median) == {"sign-lsl-msl@ours", "fo@ours", "maml@ours"}
+    assert setting["ratios"]["sign-lsl-msl/maml"] == pytest.approx(median["sign-lsl-msl@ours"] / median["maml@ours"])
+    assert setting["ratios"]["sign-lsl-msl/fo"] == pytest.approx(median["sign-lsl-msl@ours"] / median["fo@ours"])
+    assert setting["ratios"]["fo/maml"] == pytest.approx(median["fo@ours"] / median["maml@ours"])
+    assert "maml/maml" not in setting["ratios"] and "maml/fo" in setting["ratios"]
+
+
+@pytest.mark.parametrize("algos,implementations,says", [
+    ("sign-adam", "ours", "'sign-adam' is not a variant"),
+    ("adam", "ours", "'adam' is not a variant"),
+    ("sign-lsl", "ours,reference", "the clone-loop reference has fixed step sizes"),
+])
+def test_cost_refuses_a_variant_it_cannot_time_before_any_work(algos, implementations, says, tmp_path):
+    with pytest.raises(SystemExit, match=says) as refused:
+        cost.main(algos=algos, implementations=implementations, data=str(tmp_path / "never read"))
+    assert str(refused.value).startswith("error: --algos")
 
 
 PAGE_FAULTS_OF_A_META_STEP = """
