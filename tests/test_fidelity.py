@@ -66,7 +66,7 @@ def test_a_history_ranked_over_step_counts_is_read_at_its_best_count():
 def record(seed, accuracy, paper, sizes=None, variant="sign-lsl", seconds=0.3, reach_step=100, setting="20w1s",
            val_select="test_steps", beta=0.005, m=1):
     return {"setting": setting, "inner_steps": m, "variant": variant, "seed": seed, "algo": variant.split("-")[0],
-            "learned": "-lsl" in variant,
+            "learned": "-lsl" in variant, "multi_step_loss": "-msl" in variant,
             "results": {"steps": 100, "config": {"inner_lr": beta, "test_inner_steps": 10, "val_select": val_select},
                         "best_val": {"accuracy": accuracy + 0.01},
                         "seconds_per_meta_iteration": {"mean": seconds},
@@ -124,6 +124,38 @@ def test_goals_also_compare_methods_trained_with_the_same_inner_steps():
     assert "m=5 only: sign vs fo: fo not run yet" in lines
     one_m = "\n".join(goals(group_rows([record(0, 0.84, 0.8), record(0, 0.84, 0.8, variant="fo-b0.1")])))
     assert "only" not in one_m, "with one m the per-m lines would repeat the overall ones"
+
+
+def test_the_rule_alone_is_compared_between_runs_that_differ_in_nothing_else():
+    """sign-lsl-msl at m = 5 against fo-lsl-msl at m = 5, not against fo with a fixed β: the learned sizes and the
+    multi-step loss are credited to themselves, not to the sign rule."""
+    rows = group_rows([record(0, 0.92, 0.9, variant="sign-lsl-msl", m=5),
+                       record(0, 0.90, 0.9, variant="fo-lsl-msl", m=5),
+                       record(0, 0.84, 0.8, variant="fo-b0.1", m=5),
+                       record(0, 0.80, 0.8, variant="sign", m=1),
+                       record(0, 0.85, 0.8, variant="fo-b0.1", m=1),
+                       record(0, 0.88, 0.8, variant="maml-b0.2", m=1)])
+    lines = [line for line in goals(rows) if "the rule alone" in line]
+    assert lines == [
+        "- 20w1s, 100 meta-steps: the rule alone (m=5, learned step sizes, multi-step loss): sign-lsl-msl (m=5, "
+        "1 seed(s)) minus fo-lsl-msl (m=5, 1 seed(s)): +2.00 points",
+        "- 20w1s, 100 meta-steps: the rule alone (m=1, fixed β): sign (m=1, 1 seed(s)) minus fo-b0.1 (m=1, "
+        "1 seed(s)): -5.00 points",
+        "- 20w1s, 100 meta-steps: the rule alone (m=1, fixed β): sign (m=1, 1 seed(s)) minus maml-b0.2 (m=1, "
+        "1 seed(s)): -8.00 points"]
+
+
+def test_learned_sizes_are_compared_with_the_fixed_beta_of_the_same_m_and_loss():
+    """A learned m = 5 multi-step-loss run against a fixed-β m = 1 run would credit the sizes with m and the loss."""
+    rows = group_rows([record(0, 0.92, 0.9, variant="sign-lsl-msl", m=5), record(0, 0.80, 0.8, variant="sign"),
+                       record(0, 0.84, 0.8, variant="sign-lsl")])
+    lines = [line for line in goals(rows) if "learned step sizes from the default β" in line]
+    assert lines == ["- 20w1s, 100 meta-steps: learned step sizes from the default β, sign-lsl (m=1, 1 seed(s)), "
+                     "minus fixed β 0.005, sign (m=1, 1 seed(s)): +4.00 points (goal ≥ −1: met)"]
+    rows = group_rows([record(0, 0.92, 0.9, variant="sign-lsl-msl", m=5),
+                       record(0, 0.935, 0.9, variant="sign-msl", m=5, beta=0.01)])
+    assert "sign-lsl-msl (m=5, 1 seed(s)), minus fixed β 0.01, sign-msl (m=5, 1 seed(s)): -1.50 points (goal ≥ −1: " \
+           "MISSED)" in "\n".join(goals(rows))
 
 
 def test_summary_writes_the_table_and_every_figure_from_the_committed_records(tmp_path):
