@@ -241,6 +241,11 @@ class TrainConfig:
             before = saved.get(f.name, f.default)  # a checkpoint written before an option existed ran its default
             if before != now:
                 differences.append(f"--{f.name}: {before!r} -> {now!r}")
+        saved_steps = saved.get("steps", self.steps)
+        if self.outer_lr_schedule != "constant" and saved_steps != self.steps:
+            # the schedule is a function of the step and --steps: a longer run would jump back to a higher rate
+            differences.append(f"--steps: {saved_steps!r} -> {self.steps!r} (the {self.outer_lr_schedule} outer "
+                               f"learning-rate schedule spans --steps; only a constant one can be extended)")
         return differences
 
     def _validate_cluster_options(self) -> None:

@@ -13,6 +13,7 @@ from torch.func import functional_call
 from dist_signmaml.algorithms import MetaLearner, make_rule
 from dist_signmaml.algorithms.inner import multi_step_weights
 from dist_signmaml.algorithms.learner import LOG_STEP_SIZES, to_export_names, to_learner_names
+from dist_signmaml.config import TrainConfig
 from dist_signmaml.optim import OuterLRSchedule, build_optimizer, outer_lr_factor
 from tests.test_algorithms import TASKS, tiny_problem
 
@@ -287,3 +288,15 @@ def test_sign_graph_memory_is_flat_in_inner_steps_up_to_one_direction_per_learne
     # the MAML graph, by contrast, grows with m by whole support passes
     maml = [saved_bytes(MetaLearner(model, make_rule("maml"), 0.05, m, "loop"), support, query) for m in lengths]
     assert maml[1] - maml[0] > 4 * growth
+
+
+def test_a_run_with_a_cosine_schedule_cannot_be_resumed_at_another_length():
+    """--steps may change on resume (a constant-rate run can be extended), but the cosine schedule spans --steps: a
+    4000-step run resumed at 8000 would jump from about 0 back to half the outer rate."""
+    saved = TrainConfig(steps=4000, outer_lr_schedule="cosine")
+    assert TrainConfig(steps=4000, outer_lr_schedule="cosine").resume_differences(vars(saved)) == []
+    assert TrainConfig(steps=8000, outer_lr_schedule="cosine").resume_differences(vars(saved)) == [
+        "--steps: 4000 -> 8000 (the cosine outer learning-rate schedule spans --steps; only a constant one can be "
+        "extended)"]
+    constant = TrainConfig(steps=4000)
+    assert TrainConfig(steps=8000).resume_differences(vars(constant)) == []
