@@ -20,6 +20,13 @@ A run lasts hours, and a checkout may not outlive the machine it ran on. `park` 
 to continue exactly (its newest verified checkpoint, best weights, logs; a finished beta grid's results) to
 RECORD/unfinished/<run>; commit it, and the same `run` command in a later checkout continues from there when its
 work directory has no copy of the run. The parked copy is removed once the run's record is written.
+
+A finished run whose beta does not depend on the budget (-b or -lsl) keeps its final state with its record
+(RECORD/<run>/resumable: its last checkpoint and best weights). A longer budget goes on from there instead of from
+step 0, into a record of its own:
+
+    python -m bench.fidelity run --plan 20w1s:m5:maml-b0.2:s0 --steps 8000 --record bench/results/fidelity_8000 \\
+        --extend bench/results/fidelity
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import fire
 from bench.common import VARIANT_PATTERN, machine_load, variant_options, variant_train_options
 from bench.protocol import PROTOCOL_JSON
 from bench.reproduce import GRID_SCALES, ReproduceError, choose_beta, grid_for, grid_steps_for, test_final, train_final
-from dist_signmaml.artifacts import CHECKPOINT_DIR, CONFIG_JSON, LOCK_FILE, RESULTS_JSON
+from dist_signmaml.artifacts import CHECKPOINT_DIR, CONFIG_JSON, LOCK_FILE, RESULTS_JSON, RESULTS_MD
 from dist_signmaml.checkpointer import checkpoint_step, completed_checkpoints, verify_checkpoint
 from dist_signmaml.cli import unknown_options
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR, REPO_ROOT
@@ -48,6 +55,8 @@ TARGETS = {"5w1s": 0.90, "20w1s": 0.75}  # validation accuracy for the time-to-a
 VALIDATIONS = 20  # validations per run (every 5%): the plateau check needs the last 20% resolved
 THREAD_ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one core per run (taskset the plan)
 UNFINISHED = "unfinished"  # RECORD/unfinished/<run>: the parked state of a run not finished yet
+RESUMABLE = "resumable"  # RECORD/<run>/resumable: a finished run's final state, to go on to a longer budget
+EXTENDED_FROM = "extended_from.json"  # in a run extended from a shorter record: which one, at how many steps
 RUN_PATTERN = re.compile(rf"^(\d+)w(\d+)s:m(\d+):({VARIANT_PATTERN}):s(\d+)$")
 
 
@@ -109,35 +118,87 @@ def newest_good_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def files_to_park(run_dir: Path) -> list[Path]:
+def files_to_park(run_dir: Path, finished_too: bool = False) -> list[Path]:
     """What continuing `run_dir` (a run with its beta grid) needs: everything but the locks and the checkpoints,
-    plus the newest verified checkpoint of each training run that has not finished (a finished one needs none)."""
+    plus the newest verified checkpoint of each training run that has not finished (a finished one needs none).
+    `finished_too`: a finished run's newest checkpoint as well, without its summaries, so that it can go on to a
+    longer budget (`run --extend`)."""
+    leave_out = {LOCK_FILE} | ({RESULTS_JSON, RESULTS_MD} if finished_too else set())
     keep = []
     for folder, subfolders, files in os.walk(run_dir):
         folder = Path(folder)
         if CHECKPOINT_DIR in subfolders:
             subfolders.remove(CHECKPOINT_DIR)
-            newest = None if (folder / RESULTS_JSON).is_file() else newest_good_checkpoint(folder)
+            finished = (folder / RESULTS_JSON).is_file() and not finished_too
+            newest = None if finished else newest_good_checkpoint(folder)
             if newest is not None:
                 keep += sorted(p for p in newest.rglob("*") if p.is_file())
-        keep += [folder / name for name in sorted(files) if name != LOCK_FILE]
+        keep += [folder / name for name in sorted(files) if name not in leave_out]
     return keep
 
 
-def park_run(run_dir: Path, parked: Path) -> str:
-    """Copy run_dir's resumable state to `parked` (replacing an older parking); returns what was parked."""
+def copy_state(run_dir: Path, parked: Path, files: list[Path]) -> str:
+    """Copy `files` of run_dir to `parked` (replacing an older copy; a copy cut short is never taken for one);
+    returns what was copied."""
     staging = parked.with_name(parked.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    files = files_to_park(run_dir)
     for file in files:
         target = staging / file.relative_to(run_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(file, target)
     shutil.rmtree(parked, ignore_errors=True)
+    parked.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(parked)
+    return f"{len(files)} files, {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB"
+
+
+def park_run(run_dir: Path, parked: Path) -> str:
+    """Copy run_dir's resumable state to `parked` (replacing an older parking); returns what was parked."""
+    copied = copy_state(run_dir, parked, files_to_park(run_dir))
     newest = newest_good_checkpoint(run_dir / "final")
     where = f"step {checkpoint_step(newest)}" if newest else "its beta grid (the full run has no checkpoint yet)"
-    return f"{where}, {len(files)} files, {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB"
+    return f"{where}, {copied}"
+
+
+def extendable(run: dict) -> bool:
+    """A run whose beta does not depend on its budget (given by hand, or learned from the default): the same run
+    trained longer. A grid's beta comes from grid runs sized to the budget (25% of it), so it is not."""
+    return run["beta"] is not None or run["learned"]
+
+
+def keep_resumable(run: dict, run_dir: Path, record_dir: Path) -> str | None:
+    """A finished, extendable run's final state into RECORD/<run>/resumable, for `run --extend` at a longer
+    budget; returns what was kept (None where there is nothing to keep)."""
+    final = run_dir / "final"
+    if not (extendable(run) and newest_good_checkpoint(final)):
+        return None
+    return copy_state(run_dir, record_dir / RESUMABLE, files_to_park(final, finished_too=True))
+
+
+def check_extendable(run: dict, steps: int, source: Path) -> int:
+    """The meta-steps of the run's shorter record in `source`, which `run --extend` goes on from; refused unless
+    the run is extendable and that record kept its final state at fewer steps."""
+    if not extendable(run):
+        raise FidelityError(f"--extend: {run['name']} takes its beta from a grid sized to its budget; train it "
+                            f"afresh at {steps} meta-steps (leave it out of the --extend plan)")
+    resumable, results = source / run["name"] / RESUMABLE, source / run["name"] / RESULTS_JSON
+    if not (resumable.is_dir() and results.is_file()):
+        raise FidelityError(f"--extend: {resumable} does not exist: {run['name']} never finished there, or was "
+                            f"recorded before records kept their final state")
+    done = json.loads(results.read_text())["steps"]
+    if done >= steps:
+        raise FidelityError(f"--extend: {source / run['name']} is recorded at {done} meta-steps, not fewer than "
+                            f"--steps {steps}")
+    return done
+
+
+def extend_from(run: dict, steps: int, source: Path, parked: Path) -> None:
+    """Seed the parking of a run at `steps` from its finished, shorter record in `source` (`run --extend`)."""
+    done = check_extendable(run, steps, source)
+    resumable = source / run["name"] / RESUMABLE
+    shutil.copytree(resumable, parked)
+    (parked / "final" / EXTENDED_FROM).write_text(json.dumps({"record": str(source), "steps": done}) + "\n")
+    print(f"{run['name']}: extending its {done}-step run from {resumable}", flush=True)
 
 
 def park(plan: str = "", work: str = "runs/fidelity", record: str = str(RESULTS)) -> None:
@@ -147,8 +208,15 @@ def park(plan: str = "", work: str = "runs/fidelity", record: str = str(RESULTS)
     parked = 0
     for name in names:
         run_dir = Path(work) / name
-        if (Path(record) / name / PROTOCOL_JSON).is_file() or not run_dir.is_dir():
-            continue  # finished (its record is committed) or never started here
+        if not run_dir.is_dir():
+            continue  # never started here
+        if (Path(record) / name / PROTOCOL_JSON).is_file():  # finished: its record is written
+            if not (Path(record) / name / RESUMABLE).is_dir():
+                kept = keep_resumable(parse_run(name.replace("_", ":")), run_dir, Path(record) / name)
+                if kept:
+                    print(f"{name}: kept its final state ({kept}) in {Path(record) / name / RESUMABLE}", flush=True)
+                    parked += 1
+            continue
         print(f"{name}: parked {park_run(run_dir, Path(record) / UNFINISHED / name)} in "
               f"{Path(record) / UNFINISHED / name}", flush=True)
         parked += 1
@@ -164,19 +232,26 @@ def unpark(run_dir: Path, parked: Path) -> None:
 
 
 def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str = str(RESULTS),
-             val_episodes: int = 300, test_episodes: int = 1000, eval_episodes: int = 100, beside: str = "") -> None:
+             val_episodes: int = 300, test_episodes: int = 1000, eval_episodes: int = 100, beside: str = "",
+             extend: str = "") -> None:
     """Train and score the runs of `plan` in order; each finished run's record goes to `record` (committed).
     `beside`: what ran on the other cores meanwhile (e.g. the other plan of a side-by-side pair), recorded with the
-    run because seconds per meta-step depend on it."""
+    run because seconds per meta-step depend on it. `extend`: a record of the same runs at fewer steps; each run
+    goes on from that run's final state (its `resumable` copy) instead of from step 0, which with a constant outer
+    rate trains exactly what a run started at `steps` would (only its validations up to there are more frequent)."""
     parsed = [parse_run(spec) for spec in str(plan).split(",") if spec.strip()]
     runs = [(run, Path(record) / run["name"], steps or STEPS[run["setting"]]) for run in parsed]
-    for _, record_dir, full_steps in runs:  # before any work: a finished record is only "done" at its own budget
+    for run, record_dir, full_steps in runs:  # before any work: a finished record is only "done" at its own budget
         check_budget(record_dir, full_steps)
+        if extend and not (record_dir / PROTOCOL_JSON).is_file():
+            check_extendable(run, full_steps, Path(extend))
     for run, record_dir, full_steps in runs:
         if (record_dir / PROTOCOL_JSON).is_file():
             print(f"{run['name']}: done", flush=True)
             continue
         run_dir, parked = Path(work) / run["name"], Path(record) / UNFINISHED / run["name"]
+        if extend and not run_dir.exists() and not parked.exists():
+            extend_from(run, full_steps, Path(extend), parked)
         unpark(run_dir, parked)
         load_before = machine_load()
         common = run_options(run, eval_episodes, started=run_dir / "final")
@@ -188,12 +263,15 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
         protocol = test_final(run_dir / "final", val_episodes, test_episodes, common["queries"], THREAD_ENV)
         record_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(run_dir / "final" / RESULTS_JSON, record_dir / RESULTS_JSON)
+        extended = run_dir / "final" / EXTENDED_FROM
         conditions = {"load_before": load_before, "load_after": machine_load(),
                       "pinned_cores": sorted(os.sched_getaffinity(0)), "side_by_side": bool(beside),
-                      **({"note": f"beside: {beside}"} if beside else {})}
+                      **({"note": f"beside: {beside}"} if beside else {}),
+                      **({"extended_from": json.loads(extended.read_text())} if extended.is_file() else {})}
         (record_dir / PROTOCOL_JSON).write_text(json.dumps(protocol | {"beta_grid": grid, "conditions": conditions},
                                                            indent=1) + "\n")
         shutil.rmtree(parked, ignore_errors=True)  # the record supersedes it
+        keep_resumable(run, run_dir, record_dir)
         chosen = protocol["test_chosen"]
         print(f"{run['name']}: test {100 * chosen['accuracy']:.2f}% at {chosen['inner_steps']} steps "
               f"x{chosen['lr_scale']:g} (paper's protocol {100 * protocol['test_paper']['accuracy']:.2f}%); "

@@ -275,6 +275,54 @@ def test_park_carries_an_unfinished_run_to_a_later_checkout_which_continues_it(t
     assert (record / name / "protocol.json").is_file() and not parked.exists(), "the record supersedes the parking"
 
 
+def test_a_finished_run_keeps_its_final_state_and_a_longer_budget_goes_on_from_it(tmp_path, monkeypatch, capsys):
+    """An 8000-step record of a run that already has a 4000-step one trained 8000 steps from 0; `--extend` goes on
+    from the 4000-step run's last checkpoint (kept with its record, or by `park` for a run recorded by older code)
+    and says so in the record. A grid-beta run, or one without a kept state, is refused before any work."""
+    import bench.fidelity as fidelity
+
+    work, short, long = tmp_path / "work", tmp_path / "record", tmp_path / "record_8000"
+    name = "20w1s_m5_maml-b0.2_s0"
+    final = work / name / "final"
+    fake_checkpoint(final / "checkpoints" / "step_00003800", 3800)
+    fake_checkpoint(final / "checkpoints" / "step_00004000", 4000)
+    for file in ("results.json", "results.md", "run.lock", "model_best.safetensors", "config.json"):
+        (final / file).write_text(json.dumps({"steps": 4000}))
+    (short / name).mkdir(parents=True)
+    for file in ("results.json", "protocol.json"):
+        (short / name / file).write_text(json.dumps({"steps": 4000}))
+    fidelity.park(work=str(work), record=str(short))
+    kept = short / name / "resumable"
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
+        "final/checkpoints/step_00004000/model.safetensors", "final/checkpoints/step_00004000/train_state.json",
+        "final/config.json", "final/model_best.safetensors"], "the last checkpoint, no summaries, no lock"
+    assert f"{name}: kept its final state (4 files" in capsys.readouterr().out
+
+    seen = []
+
+    def train_final(run_dir, algo, beta, steps, *args):
+        seen.append((steps, sorted(p.name for p in (run_dir / "checkpoints").iterdir()),
+                     (run_dir / "results.json").exists()))
+        (run_dir / "results.json").write_text(json.dumps({"steps": steps, "best_val": {"accuracy": 0.9}}))
+
+    protocol = {"test_chosen": {"accuracy": 0.9, "inner_steps": 5, "lr_scale": 1.0}, "test_paper": {"accuracy": 0.9}}
+    monkeypatch.setattr(fidelity, "train_final", train_final)
+    monkeypatch.setattr(fidelity, "test_final", lambda *args: protocol)
+    later = tmp_path / "later"
+    for plan, message in (("20w1s:m5:sign:s0", "takes its beta from a grid sized to its budget"),
+                          ("20w1s:m5:maml-b0.2:s1", "never finished there"),
+                          (f"{name.replace('_', ':')}", "not fewer than --steps 4000")):
+        with pytest.raises(FidelityError, match=f"^--extend: .*{message}"):
+            run_plan(plan, work=str(later), steps=8000 if "s1" in plan or "sign" in plan else 4000,
+                     record=str(long), extend=str(short))
+    assert not later.exists() and seen == [], "refused before any work"
+    run_plan(name.replace("_", ":"), work=str(later), steps=8000, record=str(long), extend=str(short))
+    assert seen == [(8000, ["step_00004000"], False)], "went on from step 4000, not a finished run's summary"
+    conditions = json.loads((long / name / "protocol.json").read_text())["conditions"]
+    assert conditions["extended_from"] == {"record": str(short), "steps": 4000}
+    assert (long / name / "resumable").is_dir(), "the longer record keeps its own final state in turn"
+
+
 def test_a_work_directory_with_its_own_copy_of_the_run_is_not_replaced_by_the_parked_one(tmp_path):
     from bench.fidelity import unpark
 

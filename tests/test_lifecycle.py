@@ -123,6 +123,19 @@ def test_resume_refuses_options_that_change_the_model_or_algorithm(tmp_path, tin
     assert summary["steps"] == 4 and summary["config"]["algo"] == "sign"
 
 
+def test_a_finished_run_resumed_at_more_steps_trains_what_a_longer_run_would(tmp_path, tiny_data):
+    """bench.fidelity's --extend rests on this: under a constant outer rate, a finished 3-step run resumed at 5
+    steps ends with the weights of a straight 5-step run (the data order and the optimizer state carry over)."""
+    straight = run(tmp_path / "straight", tiny_data, steps=5)
+    run(tmp_path, tiny_data, steps=3, ckpt_every=3)
+    (tmp_path / "run" / "results.json").unlink()  # bench.fidelity keeps a finished run's state without it
+    extended = run(tmp_path, tiny_data, steps=5, resume=True, ckpt_every=3)
+    a = load_file(tmp_path / "straight" / "run" / "model.safetensors")
+    b = load_file(tmp_path / "run" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert extended["steps"] == straight["steps"] == 5
+
+
 def test_resume_says_when_there_is_nothing_to_resume_and_must_makes_it_an_error(tmp_path, tiny_data, capsys):
     code, err = cli_error(capsys, main, **tiny_options(tmp_path, tiny_data, resume="must"))
     assert code == 2 and err == (f"error: --resume must: {tmp_path / 'run'} holds no complete checkpoint to resume "
