@@ -123,13 +123,15 @@ def test_resume_refuses_options_that_change_the_model_or_algorithm(tmp_path, tin
     assert summary["steps"] == 4 and summary["config"]["algo"] == "sign"
 
 
-def test_a_finished_run_resumed_at_more_steps_trains_what_a_longer_run_would(tmp_path, tiny_data):
+def test_a_finished_run_resumed_at_more_steps_trains_what_a_longer_run_would(tmp_path, omniglot_root):
     """bench.fidelity's --extend rests on this: under a constant outer rate, a finished 3-step run resumed at 5
-    steps ends with the weights of a straight 5-step run (the data order and the optimizer state carry over)."""
-    straight = run(tmp_path / "straight", tiny_data, steps=5)
-    run(tmp_path, tiny_data, steps=3, ckpt_every=3)
+    steps ends with the weights of a straight 5-step run (the data order and the optimizer state carry over), though
+    each validated at its own cadence."""
+    straight = run(tmp_path / "straight", omniglot_root, steps=5, eval_episodes=2, eval_every=5)
+    run(tmp_path, omniglot_root, steps=3, ckpt_every=3, eval_episodes=2, eval_every=1)
     (tmp_path / "run" / "results.json").unlink()  # bench.fidelity keeps a finished run's state without it
-    extended = run(tmp_path, tiny_data, steps=5, resume=True, ckpt_every=3)
+    extended = run(tmp_path, omniglot_root, steps=5, resume=True, ckpt_every=3, eval_episodes=2, eval_every=2)
+    assert [h["step"] for h in extended["val_history"]] == [1, 2, 3, 4, 5]
     a = load_file(tmp_path / "straight" / "run" / "model.safetensors")
     b = load_file(tmp_path / "run" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
