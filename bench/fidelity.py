@@ -44,7 +44,8 @@ import fire
 from bench.common import VARIANT_PATTERN, machine_load, variant_options, variant_train_options
 from bench.protocol import PROTOCOL_JSON
 from bench.reproduce import GRID_SCALES, ReproduceError, choose_beta, grid_for, grid_steps_for, test_final, train_final
-from dist_signmaml.artifacts import CHECKPOINT_DIR, CONFIG_JSON, LOCK_FILE, RESULTS_JSON, RESULTS_MD
+from dist_signmaml.artifacts import (BEST_WEIGHTS, CHECKPOINT_DIR, CONFIG_JSON, CONFIG_YAML, LOCK_FILE,
+                                     MANIFEST_JSON, RESULTS_JSON)
 from dist_signmaml.checkpointer import checkpoint_step, completed_checkpoints, verify_checkpoint
 from dist_signmaml.cli import unknown_options
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR, REPO_ROOT
@@ -118,23 +119,31 @@ def newest_good_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def files_to_park(run_dir: Path, finished_too: bool = False) -> list[Path]:
+def files_to_park(run_dir: Path) -> list[Path]:
     """What continuing `run_dir` (a run with its beta grid) needs: everything but the locks and the checkpoints,
-    plus the newest verified checkpoint of each training run that has not finished (a finished one needs none).
-    `finished_too`: a finished run's newest checkpoint as well, without its summaries, so that it can go on to a
-    longer budget (`run --extend`)."""
-    leave_out = {LOCK_FILE} | ({RESULTS_JSON, RESULTS_MD} if finished_too else set())
+    plus the newest verified checkpoint of each training run that has not finished (a finished one needs none)."""
     keep = []
     for folder, subfolders, files in os.walk(run_dir):
         folder = Path(folder)
         if CHECKPOINT_DIR in subfolders:
             subfolders.remove(CHECKPOINT_DIR)
-            finished = (folder / RESULTS_JSON).is_file() and not finished_too
-            newest = None if finished else newest_good_checkpoint(folder)
+            newest = None if (folder / RESULTS_JSON).is_file() else newest_good_checkpoint(folder)
             if newest is not None:
                 keep += sorted(p for p in newest.rglob("*") if p.is_file())
-        keep += [folder / name for name in sorted(files) if name not in leave_out]
+        keep += [folder / name for name in sorted(files) if name != LOCK_FILE]
     return keep
+
+
+def files_to_extend(final_dir: Path) -> list[Path]:
+    """What going on from a finished training run needs: its newest verified checkpoint, its configuration and its
+    best weights (with the validation history in the checkpoint, they keep the best-so-far). Not its summaries or
+    its scores: a longer run writes its own, and a protocol.json left there would be taken for the longer run's."""
+    newest = newest_good_checkpoint(final_dir)
+    if newest is None:
+        return []
+    return sorted(p for p in newest.rglob("*") if p.is_file()) + [
+        final_dir / name for name in (CONFIG_JSON, CONFIG_YAML, MANIFEST_JSON, BEST_WEIGHTS)
+        if (final_dir / name).is_file()]
 
 
 def copy_state(run_dir: Path, parked: Path, files: list[Path]) -> str:
@@ -169,10 +178,8 @@ def extendable(run: dict) -> bool:
 def keep_resumable(run: dict, run_dir: Path, record_dir: Path) -> str | None:
     """A finished, extendable run's final state into RECORD/<run>/resumable, for `run --extend` at a longer
     budget; returns what was kept (None where there is nothing to keep)."""
-    final = run_dir / "final"
-    if not (extendable(run) and newest_good_checkpoint(final)):
-        return None
-    return copy_state(run_dir, record_dir / RESUMABLE, files_to_park(final, finished_too=True))
+    files = files_to_extend(run_dir / "final") if extendable(run) else []
+    return copy_state(run_dir, record_dir / RESUMABLE, files) if files else None
 
 
 def check_extendable(run: dict, steps: int, source: Path) -> int:

@@ -286,7 +286,9 @@ def test_a_finished_run_keeps_its_final_state_and_a_longer_budget_goes_on_from_i
     final = work / name / "final"
     fake_checkpoint(final / "checkpoints" / "step_00003800", 3800)
     fake_checkpoint(final / "checkpoints" / "step_00004000", 4000)
-    for file in ("results.json", "results.md", "run.lock", "model_best.safetensors", "config.json"):
+    for file in ("results.json", "results.md", "protocol.json", "run.lock", "model_best.safetensors", "config.json",
+                 "model.safetensors", "tb/events.out"):
+        (final / file).parent.mkdir(parents=True, exist_ok=True)
         (final / file).write_text(json.dumps({"steps": 4000}))
     (short / name).mkdir(parents=True)
     for file in ("results.json", "protocol.json"):
@@ -295,7 +297,7 @@ def test_a_finished_run_keeps_its_final_state_and_a_longer_budget_goes_on_from_i
     kept = short / name / "resumable"
     assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
         "final/checkpoints/step_00004000/model.safetensors", "final/checkpoints/step_00004000/train_state.json",
-        "final/config.json", "final/model_best.safetensors"], "the last checkpoint, no summaries, no lock"
+        "final/config.json", "final/model_best.safetensors"], "the last checkpoint, no summaries or scores"
     assert f"{name}: kept its final state (4 files" in capsys.readouterr().out
 
     seen = []
@@ -318,6 +320,7 @@ def test_a_finished_run_keeps_its_final_state_and_a_longer_budget_goes_on_from_i
     assert not later.exists() and seen == [], "refused before any work"
     run_plan(name.replace("_", ":"), work=str(later), steps=8000, record=str(long), extend=str(short))
     assert seen == [(8000, ["step_00004000"], False)], "went on from step 4000, not a finished run's summary"
+    assert not (later / name / "final" / "protocol.json").exists(), "the 4000-step scores are not the 8000-step's"
     conditions = json.loads((long / name / "protocol.json").read_text())["conditions"]
     assert conditions["extended_from"] == {"record": str(short), "steps": 4000}
     assert (long / name / "resumable").is_dir(), "the longer record keeps its own final state in turn"
