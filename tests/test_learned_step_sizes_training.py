@@ -72,3 +72,13 @@ def test_a_tiny_plan_trains_scores_and_records_a_run_and_skips_it_when_rerun(tmp
                                            protocol["chosen"]["lr_scale"])
     run_plan(**options)
     assert "5w1s_m2_sign-lsl_s0: done" in capsys.readouterr().out
+
+    # a longer budget goes on from the kept final state, through the real trainer, and is scored afresh
+    assert (directory / "resumable" / "final" / "checkpoints" / "step_00000002" / "train_state.json").is_file()
+    run_plan(**options | {"steps": 4, "work": str(tmp_path / "work4"), "record": str(tmp_path / "rec4"),
+                          "extend": str(tmp_path / "rec"), "test_episodes": 6})
+    longer = tmp_path / "rec4" / "5w1s_m2_sign-lsl_s0"
+    assert json.loads((longer / "results.json").read_text())["steps"] == 4
+    assert json.loads((longer / "protocol.json").read_text())["test_episodes"] == 6
+    log = (tmp_path / "work4" / "5w1s_m2_sign-lsl_s0" / "final" / "train.log").read_text()
+    assert "resumed from step 2" in log
