@@ -209,7 +209,8 @@ def extend_from(run: dict, steps: int, source: Path, parked: Path) -> None:
 
 
 def park(plan: str = "", work: str = "runs/fidelity", record: str = str(RESULTS)) -> None:
-    """Park every unfinished run of `work` (or only the runs of `plan`) under RECORD/unfinished/ for a commit."""
+    """Park every unfinished run of `work` (or only the runs of `plan`) under RECORD/unfinished/ for a commit, and
+    keep the final state of a finished, extendable run whose record has none yet (recorded by older code)."""
     names = [parse_run(spec)["name"] for spec in str(plan).split(",") if spec.strip()] if plan else \
         sorted(p.name for p in Path(work).iterdir() if p.is_dir()) if Path(work).is_dir() else []
     parked = 0
