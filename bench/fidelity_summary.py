@@ -5,8 +5,8 @@
 
 Per (setting, inner steps m, variant), over seeds: test accuracy with the protocol chosen on validation (mean, the
 spread over seeds, and each run's 95% interval over episodes), the paper's protocol (10 steps at the training beta),
-the best validation accuracy, whether validation had plateaued, time to a validation target, and the learned step
-sizes per tensor; then each of the reproduction's goals met or missed with its figures.
+the best validation accuracy, whether validation had plateaued, the budget in CPU-hours, time to a validation
+target, and the learned step sizes per tensor; then each of the reproduction's goals met or missed with its figures.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def val_ranking(results: dict) -> str:
 
 def group_rows(records: list[dict]) -> list[dict]:
     from bench.fidelity import TARGETS
+    from bench.reproduce import grid_steps_for
 
     groups: dict[tuple, list[dict]] = {}
     for record in records:
@@ -92,6 +93,7 @@ def group_rows(records: list[dict]) -> list[dict]:
         paper = [r["protocol"]["test_paper"] for r in runs]
         seconds = [r["results"]["seconds_per_meta_iteration"]["mean"] for r in runs]
         reach = [time_to_target(r["results"]["val_history"], TARGETS[setting], s) for r, s in zip(runs, seconds)]
+        grid_runs = [len(r["protocol"].get("beta_grid") or []) for r in runs]
         rows.append({
             "setting": setting, "inner_steps": m, "variant": variant, "algo": runs[0]["algo"],
             "learned": runs[0]["learned"], "multi_step_loss": runs[0]["multi_step_loss"],
@@ -109,7 +111,9 @@ def group_rows(records: list[dict]) -> list[dict]:
             "val_ranking": ranking,
             "plateau_gain_points": [plateau_gain(r["results"]["val_history"], steps) for r in runs],
             "seconds_per_meta_step": statistics.fmean(seconds),
-            "cpu_hours": sum(s * steps for s in seconds) / 3600,
+            "cpu_hours": sum(s * steps for s in seconds) / 3600,  # the final runs, one core each
+            # a record does not time its grid's runs: each lasted GRID_FRACTION of the budget, at about its final pace
+            "grid_cpu_hours_estimate": sum(n * grid_steps_for(steps) * s for n, s in zip(grid_runs, seconds)) / 3600,
             "time_to_target": reach, "target": TARGETS[setting],
             "val_curves": [val_curve(r["results"]["val_history"], s) for r, s in zip(runs, seconds)],
             "step_sizes": [r["results"].get("inner_lr_learned") or {} for r in runs],
@@ -272,18 +276,21 @@ def markdown(rows: list[dict]) -> str:
     lines = [conditions_line(rows), "",
              "| setting | m | variant | seeds | meta-steps | test, protocol chosen on val (mean; spread over seeds; "
              "95% CI) | chosen (steps × β scale) | test, paper's protocol (10 × 1) | val ranked at | best val | "
-             "last-20% gain | s / meta-step | to val target |", "|" + " --- |" * 13]
+             "last-20% gain | s / meta-step | CPU-hours: final runs (+ β grid, estimated) | to val target |",
+             "|" + " --- |" * 14]
     for r in rows:
         cells = ", ".join(f"{c['inner_steps']}×{c['lr_scale']:g}" for c in r["chosen_cells"])
         reach = ", ".join("—" if t["step"] is None else f"{t['step']} ({t['seconds'] / 60:.1f} min)"
                           for t in r["time_to_target"])
         ci = "/".join(f"{100 * c:.2f}" for c in r["test_chosen_ci95"])
         gain = "/".join(f"{g:+.2f}" for g in r["plateau_gain_points"])
+        hours = f"{r['cpu_hours']:.2f}" + (f" (+≈{r['grid_cpu_hours_estimate']:.2f})"
+                                           if r["grid_cpu_hours_estimate"] else "")
         lines.append(f"| {r['setting']} | {r['inner_steps']} | {r['variant']} | {len(r['seeds'])} | {r['steps']} | "
                      f"**{100 * r['test_chosen_mean']:.2f}%**; ±{100 * r['test_chosen_seed_spread'] / 2:.2f}; "
                      f"±{ci} | {cells} | {100 * r['test_paper_mean']:.2f}% | {r['val_ranking']} | "
                      f"{100 * r['best_val_mean']:.2f}% | "
-                     f"{gain} | {r['seconds_per_meta_step']:.3f} | {reach} (≥{100 * r['target']:.0f}%) |")
+                     f"{gain} | {r['seconds_per_meta_step']:.3f} | {hours} | {reach} (≥{100 * r['target']:.0f}%) |")
     lines.append("")
     if rows:
         lines += ["Goals (best variant of each method at the same budget; seconds per meta-step as measured, so "

@@ -91,6 +91,18 @@ def test_seeds_are_averaged_with_their_spread_and_the_table_shows_the_learned_si
     assert "20w1s m1 sign-lsl: load not recorded" in table
 
 
+def test_the_budget_is_given_in_cpu_hours_with_the_grid_estimated_from_its_runs():
+    with_grid = record(0, 0.8, 0.7, variant="sign", seconds=36.0)
+    with_grid["protocol"]["beta_grid"] = [{"beta": b, "best_val": 0.7} for b in (0.0025, 0.005, 0.01, 0.02, 0.04)]
+    (sign,) = group_rows([with_grid])
+    (learned,) = group_rows([record(0, 0.8, 0.7, seconds=36.0), record(1, 0.8, 0.7, seconds=72.0)])
+    assert sign["cpu_hours"] == pytest.approx(1.0)  # 100 meta-steps at 36 s
+    assert sign["grid_cpu_hours_estimate"] == pytest.approx(5 * 25 * 36 / 3600)  # five runs of 25% of the budget
+    assert learned["cpu_hours"] == pytest.approx(3.0) and learned["grid_cpu_hours_estimate"] == 0
+    assert "| 36.000 | 1.00 (+≈1.25) |" in markdown([sign])
+    assert "| 54.000 | 3.00 |" in markdown([learned])
+
+
 def test_goals_are_reported_met_or_missed_with_their_figures():
     rows = group_rows([record(0, 0.85, 0.7), record(0, 0.84, 0.8, variant="sign-b0.005", seconds=0.2),
                        record(0, 0.80, 0.8, variant="fo-b0.1", seconds=0.25, reach_step=50),
