@@ -137,7 +137,11 @@ def conditions_line(rows: list[dict]) -> str:
             parts.append(f"{r['setting']} m{r['inner_steps']} {r['variant']}: pinned to core(s) "
                          f"{c.get('pinned_cores')}, load {load}"
                          + (f", reference workload {'/'.join(speed)} ms before/after" if speed else "")
-                         + (f" ({c['note']})" if c.get("note") else ""))
+                         + (f" ({c['note']})" if c.get("note") else "")
+                         # an extended run's seconds per meta-step average over its shorter run's steps too
+                         + (f"; its first {c['extended_from']['steps']} meta-steps went on from "
+                            f"{c['extended_from']['record']}, measured under the conditions recorded there"
+                            if c.get("extended_from") else ""))
     together = any(c and c.get("side_by_side") for r in rows for c in r["conditions"])
     how = ("some runs side by side (one core each, named per run), others one after another" if together else
            "runs one after another, each pinned to one core, NOT side by side")

@@ -367,3 +367,15 @@ def test_the_conditions_give_each_runs_core_speed_when_it_was_measured():
            "before/after" in line and "the reference workload: one thread, a 3x3 convolution" in line, line
     assert line.endswith("20w1s m5 fo-b0.1: pinned to core(s) [0], load not recorded.")  # older records: no figure
     assert "reference workload" not in conditions_line([rows[0] | {"conditions": [{"pinned_cores": [0]}]}])
+
+
+def test_an_extended_runs_conditions_name_the_record_its_first_steps_were_measured_in():
+    """An extended run's seconds per meta-step average over the shorter run's steps too, which ran in another
+    session under the conditions of the shorter record; the header has to say so."""
+    extended = {"pinned_cores": [1], "side_by_side": True, "note": "beside: core 0: another run",
+                "extended_from": {"record": "bench/results/fidelity", "steps": 4000}}
+    line = conditions_line([{"setting": "20w1s", "inner_steps": 5, "variant": "fo-lsl-msl",
+                             "conditions": [extended, {"pinned_cores": [0]}]}])
+    assert ("20w1s m5 fo-lsl-msl: pinned to core(s) [1], load not recorded (beside: core 0: another run); its first "
+            "4000 meta-steps went on from bench/results/fidelity, measured under the conditions recorded there;") in line
+    assert line.endswith("20w1s m5 fo-lsl-msl: pinned to core(s) [0], load not recorded.")  # not extended: no claim
