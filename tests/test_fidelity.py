@@ -370,8 +370,8 @@ def test_the_conditions_give_each_runs_core_speed_when_it_was_measured():
 
 
 def test_an_extended_runs_conditions_name_the_record_its_first_steps_were_measured_in():
-    """An extended run's seconds per meta-step average over the shorter run's steps too, which ran in another
-    session under the conditions of the shorter record; the header has to say so."""
+    """An extended run's seconds per meta-step average over the shorter run's steps too, which ran
+    earlier under the conditions of the shorter record; the header has to say so."""
     extended = {"pinned_cores": [1], "side_by_side": True, "note": "beside: core 0: another run",
                 "extended_from": {"record": "bench/results/fidelity", "steps": 4000}}
     line = conditions_line([{"setting": "20w1s", "inner_steps": 5, "variant": "fo-lsl-msl",
