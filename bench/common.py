@@ -24,7 +24,7 @@ REFERENCE_WORK = "one thread, a 3x3 convolution 64->64 channels on 40 images of 
 def reference_seconds(repeats: int = 9) -> float:
     """Median seconds of a fixed workload (REFERENCE_WORK, about conv4's middle layer on a 20-way episode) on one
     thread of this process's cores. Load averages say whether the machine was busy, not how fast a core was that
-    day: runs measured in different sessions are compared through this figure."""
+    day: runs measured on different days are compared through this figure."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

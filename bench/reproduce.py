@@ -64,7 +64,7 @@ from dist_signmaml.sweep import SweepError
 from dist_signmaml.sweep import as_list as parse_list
 
 PRESETS = {
-    # Sized to one working session on 2 CPU cores, one setting per core.
+    # Sized to a few hours on 2 CPU cores, one setting per core.
     "omniglot": {"data": str(DEFAULT_DATA), "settings": "5w1s,20w1s", "steps": {"5w1s": 3000, "other": 2000}},
     # The paper's mini-ImageNet / FS-CIFAR100 grid (Table 1, Fig. 1): GPU-sized budgets.
     "images": {"data": "", "settings": "", "steps": {"other": 20000}},

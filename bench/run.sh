@@ -9,7 +9,7 @@
 #                                                          # efficiency, backbones (default: all)
 #
 # On CUDA every grid is the full one (m in {1,5,10} x 5/20 ways x meta-batch 4/32 x 1/15 queries, all three
-# methods). On CPU the meta-batch-32 grids are cut to what fits beside other work in a session (about 45 minutes
+# methods). On CPU the meta-batch-32 grids are cut to what fits beside other work (about 45 minutes
 # on one core): the full grid at meta-batch 32 would take ~3 CPU-hours, mostly MAML at 20 ways, 15 queries, m=10.
 # CPU at meta-batch 32: 5-way 1-query m in {1,5} for the method ratios; the implementations below add 20-way and
 # 15 queries for sign.
