@@ -132,10 +132,13 @@ def conditions_line(rows: list[dict]) -> str:
                 continue
             before = c.get("load_before") or {}
             load = before.get("load_average_1_5_15min", "not recorded")
+            # a neighbour that starts or ends mid-run shows only in the load read at the end
+            after = ((c.get("load_after") or {}).get("load_average_1_5_15min") or [None])[0]
             speed = [f"{1000 * (c.get(k) or {}).get('reference_seconds'):.1f}" for k in ("load_before", "load_after")
                      if (c.get(k) or {}).get("reference_seconds")]
             parts.append(f"{r['setting']} m{r['inner_steps']} {r['variant']}: pinned to core(s) "
                          f"{c.get('pinned_cores')}, load {load}"
+                         + (f" (1-minute {after} at the end)" if after is not None else "")
                          + (f", reference workload {'/'.join(speed)} ms before/after" if speed else "")
                          + (f" ({c['note']})" if c.get("note") else "")
                          # an extended run's seconds per meta-step average over its shorter run's steps too
@@ -143,7 +146,8 @@ def conditions_line(rows: list[dict]) -> str:
                             f"{c['extended_from']['record']}, measured under the conditions recorded there"
                             if c.get("extended_from") else ""))
     together = any(c and c.get("side_by_side") for r in rows for c in r["conditions"])
-    how = ("some runs side by side (one core each, named per run), others one after another" if together else
+    how = ("some runs side by side (separate processes, one core each, the neighbour named per run: those were not "
+           "measured alone, and not in one interleaved benchmark), others one after another" if together else
            "runs one after another, each pinned to one core, NOT side by side")
     calibrated = any("reference workload" in part for part in parts)
     return (f"Measuring conditions: {how}; seconds per meta-step and time to target are only as good as the load "

@@ -352,8 +352,8 @@ def test_a_work_directory_with_its_own_copy_of_the_run_is_not_replaced_by_the_pa
 
 
 def test_the_conditions_give_each_runs_core_speed_when_it_was_measured():
-    """Load averages said the cores were busy but not that a whole session ran 2.5x slower per meta-step than the
-    one before; the reference workload's seconds, before and after each run, show it."""
+    """Load averages said the cores were busy but not that one day's runs took 2.5x longer per meta-step than the
+    day before's; the reference workload's seconds, before and after each run, show it."""
     import torch
 
     threads = torch.get_num_threads()
@@ -367,6 +367,12 @@ def test_the_conditions_give_each_runs_core_speed_when_it_was_measured():
            "before/after" in line and "the reference workload: one thread, a 3x3 convolution" in line, line
     assert line.endswith("20w1s m5 fo-b0.1: pinned to core(s) [0], load not recorded.")  # older records: no figure
     assert "reference workload" not in conditions_line([rows[0] | {"conditions": [{"pinned_cores": [0]}]}])
+    # the load at the end shows a neighbour that started after this run did
+    loaded = timed | {"load_after": {"load_average_1_5_15min": [2.0, 1.5, 1.2]}, "side_by_side": True}
+    line = conditions_line([rows[0] | {"conditions": [loaded]}])
+    assert "pinned to core(s) [1], load [1.0, 1.0, 1.0] (1-minute 2.0 at the end), reference workload 12.0 ms" in line
+    assert "side by side (separate processes, one core each, the neighbour named per run: those were not measured " \
+           "alone, and not in one interleaved benchmark)" in line, line
 
 
 def test_an_extended_runs_conditions_name_the_record_its_first_steps_were_measured_in():
