@@ -268,7 +268,8 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
         train_final(run_dir / "final", run["algo"], beta, full_steps, VALIDATIONS, common, shlex.quote(sys.executable),
                     THREAD_ENV)
         results = json.loads((run_dir / "final" / RESULTS_JSON).read_text())
-        protocol = test_final(run_dir / "final", val_episodes, test_episodes, common["queries"], THREAD_ENV)
+        protocol = test_final(run_dir / "final", val_episodes, test_episodes, common["queries"], THREAD_ENV,
+                              common["data"])
         record_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(run_dir / "final" / RESULTS_JSON, record_dir / RESULTS_JSON)
         extended = run_dir / "final" / EXTENDED_FROM

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from dist_signmaml.builders import ensure_bundled_data
 from dist_signmaml.config import DEFAULT_DATA, TrainConfig
 from dist_signmaml.data import EpisodeShape, EpisodeStream, read_index, train_loader
 
@@ -41,10 +42,7 @@ TARGET_RATIO = 10.0
 
 
 def omniglot_train() -> Path:
-    if not (DEFAULT_DATA / "train" / "index.json").is_file():
-        from shards import omniglot
-
-        omniglot.build(DEFAULT_DATA, progress=False)
+    ensure_bundled_data(DEFAULT_DATA, progress=False)
     return DEFAULT_DATA / "train"
 
 

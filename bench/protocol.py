@@ -20,6 +20,7 @@ from pathlib import Path
 import fire
 import torch
 
+from dist_signmaml.builders import ensure_bundled_data
 from dist_signmaml.config import TrainConfig
 from dist_signmaml.data import EpisodeShape, fixed_episodes
 from dist_signmaml.artifacts import load_learner_weights, read_metadata
@@ -74,13 +75,16 @@ def cell(cells: list[dict], inner_steps: int, lr_scale: float) -> dict:
 
 
 def score_run(run_dir: str | Path, *, val_episodes: int = 300, test_episodes: int = 1000, weights: str = "best",
-              queries: int = 0) -> dict:
-    """protocol.json of a run: the validation grid, the chosen cell, and test at the chosen and the paper's cell."""
+              queries: int = 0, data: str = "") -> dict:
+    """protocol.json of a run: the validation grid, the chosen cell, and test at the chosen and the paper's cell.
+    `data`: the shard root with val/ and test/; by default the run's own --data, which names a folder of the
+    checkout that trained it (a run parked and scored in another checkout passes its own root)."""
     run_dir = Path(run_dir)
     started = time.process_time()
     learner, config, metadata = load_learner(run_dir, weights)
     shape = EpisodeShape(config.ways, config.shots, queries or config.queries)
-    data = Path(config.data)
+    ensure_bundled_data(data or config.data)
+    data = Path(data or config.data)
     val = grid_scores(split_curves(learner, data / "val", shape, val_episodes))
     chosen = choose_cell(val)
     # test is scored once, only where it is read: the chosen cell and the paper's (one pass per scale they need)
@@ -88,7 +92,7 @@ def score_run(run_dir: str | Path, *, val_episodes: int = 300, test_episodes: in
     test_curves = split_curves(learner, data / "test", shape, test_episodes, scales=scales,
                                max_steps=max(chosen["inner_steps"], PAPER_CELL[0]))
     test = grid_scores(test_curves, steps=[s for s in STEP_COUNTS if s <= max(chosen["inner_steps"], PAPER_CELL[0])])
-    result = {"run": str(run_dir), "weights": weights, "weights_step": metadata.get("step"),
+    result = {"run": str(run_dir), "data": str(data), "weights": weights, "weights_step": metadata.get("step"),
               "val_episodes": val_episodes, "test_episodes": test_episodes, "queries": shape.queries,
               "val_grid": val, "chosen": {"inner_steps": chosen["inner_steps"], "lr_scale": chosen["lr_scale"]},
               "test_chosen": cell(test, chosen["inner_steps"], chosen["lr_scale"]),

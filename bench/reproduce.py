@@ -143,9 +143,10 @@ def train_final(run_dir: Path, algo: str, beta: float, steps: int, evals: int, c
     run_logged(command, run_dir / "train.log", env, f"training {run_dir}")
 
 
-def test_final(run_dir: Path, val_episodes: int, test_episodes: int, queries: int, env: dict) -> dict:
+def test_final(run_dir: Path, val_episodes: int, test_episodes: int, queries: int, env: dict, data: str = "") -> dict:
     """Stage 3: the test protocol chosen on validation, scored on the fixed test episodes (bench.protocol), with the
-    best-by-validation weights. A protocol.json scored with other options is kept aside and scored again."""
+    best-by-validation weights. A protocol.json scored with other options is kept aside and scored again. `data`:
+    the shard root to score on, when not the one the run was trained from (a run continued in another checkout)."""
     out = run_dir / PROTOCOL_JSON
     wanted = {"val_episodes": val_episodes, "test_episodes": test_episodes, "queries": queries}
     if out.is_file():
@@ -155,7 +156,7 @@ def test_final(run_dir: Path, val_episodes: int, test_episodes: int, queries: in
                                  f"{previous.get('test_episodes')}test.json")
     if not out.is_file():
         command = [sys.executable, "-m", "bench.protocol", str(run_dir), f"--val_episodes={val_episodes}",
-                   f"--test_episodes={test_episodes}", f"--queries={queries}"]
+                   f"--test_episodes={test_episodes}", f"--queries={queries}"] + ([f"--data={data}"] if data else [])
         importable = env | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))}
         run_logged(command, run_dir / "test.log", importable, f"testing {run_dir}")
     return json.loads(out.read_text())
@@ -396,7 +397,7 @@ def reproduce(preset: str, *, out: str = "", data: str = "", algos="sign,fo,maml
                                common, launcher, env)
             print(f"{setting_name(w, s)} {algo}: beta {beta:g} by validation; training {final_steps} steps", flush=True)
             train_final(setting_dir / algo, algo, beta, final_steps, evals, common, launcher, env)
-            result = test_final(setting_dir / algo, val_episodes, test_episodes, test_queries, env)
+            result = test_final(setting_dir / algo, val_episodes, test_episodes, test_queries, env, data)
             chosen, paper = result["test_chosen"], result["test_paper"]
             print(f"{setting_name(w, s)} {algo}: test {100 * chosen['accuracy']:.2f} ± {100 * chosen['ci95']:.2f}% "
                   f"at {chosen['inner_steps']} steps x{chosen['lr_scale']:g} (chosen on val); paper's protocol "

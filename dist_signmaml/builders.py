@@ -6,6 +6,7 @@ rank or the world size is needed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 from pathlib import Path
@@ -96,17 +97,40 @@ def check_image_shape(image_shape, where: str) -> tuple[int, int, int]:
     return shape
 
 
-def build_bundled_data(config: TrainConfig, engine) -> None:
-    """The bundled Omniglot shards are built on first use (main process first, the others wait)."""
-    root = Path(config.data)
-    if os.path.realpath(root) != os.path.realpath(DEFAULT_DATA):  # realpath: a broken default link is no error here
+BUNDLED_SPLITS = ("train", "val", "test")
+
+
+def ensure_bundled_data(data: str | Path, bundled: Path | None = None, progress: bool = True) -> None:
+    """The bundled Omniglot shards are built on first use, by whatever reads them first: a run, an evaluation, the
+    test protocol of a run trained in another checkout. Only the missing splits are built. Processes that start at
+    once on one machine take turns on a lock file beside the root, so none reads a split while another writes it,
+    and each split is built once. Any other --data is left alone. `bundled`: the root built here (DEFAULT_DATA)."""
+    root = Path(data)
+    # realpath: the bundled root reached through a link is still the bundled root, and a broken link is no error here
+    if os.path.realpath(root) != os.path.realpath(bundled or DEFAULT_DATA):
         return
-    with engine.main_process_first():
-        if engine.is_main and not all((root / s / "index.json").is_file() for s in ("train", "val", "test")):
+
+    def missing() -> tuple[str, ...]:
+        return tuple(split for split in BUNDLED_SPLITS if not (root / split / "index.json").is_file())
+
+    if not missing():
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        splits = missing()  # another process may have built them while this one waited
+        if splits:
             from shards import omniglot
 
-            engine.print0(f"building the bundled Omniglot shards in {root} (once)")
-            omniglot.build(root, progress=True)
+            print(f"building the bundled Omniglot shards in {root}: {', '.join(splits)} (once)", flush=True)
+            omniglot.build(root, splits=splits, progress=progress)
+
+
+def build_bundled_data(config: TrainConfig, engine) -> None:
+    """ensure_bundled_data for a run: the main process builds, the others wait for it."""
+    with engine.main_process_first():
+        if engine.is_main:
+            ensure_bundled_data(config.data)
 
 
 def check_data(config: TrainConfig) -> Path:

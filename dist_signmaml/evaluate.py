@@ -19,7 +19,8 @@ from dist_signmaml.algorithms.rules import ALGORITHMS
 from dist_signmaml.artifacts import (BEST_WEIGHTS, FINAL_WEIGHTS, WeightsFileError, atomic_write_text,
                                      export_names, load_learner_weights, non_finite_tensors,
                                      read_metadata)
-from dist_signmaml.builders import build_learner, check_image_shape, check_weights_fit, episode_shape
+from dist_signmaml.builders import (build_learner, check_image_shape, check_weights_fit, ensure_bundled_data,
+                                    episode_shape)
 from dist_signmaml.config import ConfigError, TrainConfig
 from dist_signmaml.data.format import ShardFormatError
 from dist_signmaml.engine import Engine
@@ -92,6 +93,7 @@ def evaluate(path: str, *, split: str = "test", data: str = "", ways: int = 0, s
         config = TrainConfig.from_options(**(trained | overrides))
     except ConfigError as error:
         raise EvaluationError(f"{file}: {error}") from None
+    ensure_bundled_data(data or trained["data"])
     split_dir = split_directory(data or trained["data"], split)
     shape = episode_shape(config)
     # The engine ends on every way out: a process that exits with its gloo group alive can abort (Engine.end).

@@ -17,11 +17,10 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def omniglot_root() -> Path:
     """data/shards/omniglot-28 with train/val/test, built from the vendored npz files if missing."""
+    from dist_signmaml.builders import ensure_bundled_data
     from dist_signmaml.config import DEFAULT_DATA
-    from shards import omniglot
 
-    if not all((DEFAULT_DATA / s / "index.json").is_file() for s in ("train", "val", "test")):
-        omniglot.build(DEFAULT_DATA, progress=False)
+    ensure_bundled_data(DEFAULT_DATA, progress=False)
     return DEFAULT_DATA
 
 

@@ -203,6 +203,9 @@ def test_finished_stages_are_skipped_and_stale_tests_redone(tmp_path, monkeypatc
     assert reproduce.test_final(run, 300, 1000, 1, {})["test_chosen"]["accuracy"] == 0.9 and commands == []
     assert reproduce.test_final(run, 300, 1000, 15, {})["test_chosen"]["accuracy"] == 0.5  # other queries: again
     assert len(commands) == 1 and "--queries=15" in commands[0]
+    assert not any(c.startswith("--data") for c in commands[0])  # the run's own shard root
+    reproduce.test_final(run, 300, 1000, 2, {}, "/elsewhere/omniglot-28")  # a run scored in another checkout
+    assert "--data=/elsewhere/omniglot-28" in commands[-1]
     aside = json.loads((run / "protocol_1q_300val_1000test.json").read_text())
     assert aside["test_chosen"]["accuracy"] == 0.9  # kept aside
     (run / "results.json").unlink()
