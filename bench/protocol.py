@@ -83,8 +83,9 @@ def score_run(run_dir: str | Path, *, val_episodes: int = 300, test_episodes: in
     started = time.process_time()
     learner, config, metadata = load_learner(run_dir, weights)
     shape = EpisodeShape(config.ways, config.shots, queries or config.queries)
-    ensure_bundled_data(data or config.data)
-    data = Path(data or config.data)
+    data = data or config.data
+    ensure_bundled_data(data)
+    data = Path(data)
     val = grid_scores(split_curves(learner, data / "val", shape, val_episodes))
     chosen = choose_cell(val)
     # test is scored once, only where it is read: the chosen cell and the paper's (one pass per scale they need)
