@@ -2,6 +2,8 @@
 
     python -m bench.fidelity summary    # -> bench/results/fidelity/fidelity.md, fidelity.json, fidelity.png,
                                         #    time_to_accuracy.png, step_sizes.png
+    python -m bench.fidelity summary --root bench/results/fidelity,bench/results/fidelity_8000 \
+        --out bench/results/fidelity_longest   # each run at the longest budget any of those records holds
 
 Per (setting, inner steps m, variant), over seeds: test accuracy with the protocol chosen on validation (mean, the
 spread over seeds, and each run's 95% interval over episodes), the paper's protocol (10 steps at the training beta),
@@ -40,6 +42,19 @@ def load_records(root: Path) -> list[dict]:
         records.append(run | {"results": json.loads((directory / RESULTS_JSON).read_text()),
                               "protocol": json.loads((directory / PROTOCOL_JSON).read_text())})
     return records
+
+
+def longest_records(roots: list[Path]) -> list[dict]:
+    """Each run's record at the longest budget among `roots` (records of one plan at several budgets, e.g.
+    fidelity, fidelity_8000, fidelity_16000): the figures a reader wants first, with every run as far as it went.
+    Runs left at different budgets stay in rows of their own (group_rows keys on the budget)."""
+    longest: dict[str, dict] = {}
+    for root in roots:
+        for record in load_records(root):
+            kept = longest.get(record["name"])
+            if kept is None or record["results"]["steps"] > kept["results"]["steps"]:
+                longest[record["name"]] = record
+    return sorted(longest.values(), key=lambda r: r["name"])
 
 
 def plateau_gain(history: list[dict], steps: int) -> float:
@@ -387,14 +402,25 @@ def plot_time_to_accuracy(rows: list[dict], out: Path) -> None:
     save(figure, out / "time_to_accuracy.png")
 
 
-def summarize(root: str = "") -> list[dict]:
-    from bench.fidelity import RESULTS
+def summarize(root: str | tuple = "", out: str = "") -> list[dict]:
+    """The table and figures of the records in `root` (written there), or, given several record folders (a comma
+    list) and `out`, of each run at the longest budget among them (written to `out`)."""
+    from bench.fidelity import RESULTS, FidelityError
 
-    root = Path(root) if root else RESULTS
-    rows = group_rows(load_records(root))
-    (root / "fidelity.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (root / "fidelity.md").write_text(markdown(rows))
+    names = root.split(",") if isinstance(root, str) else list(root)  # fire reads a,b as a tuple
+    roots = [Path(r.strip()) for r in names if str(r).strip()] or [RESULTS]
+    for folder in roots:
+        if not folder.is_dir():
+            raise FidelityError(f"summary --root: {folder} is not a folder of fidelity records")
+    if len(roots) > 1 and not out:
+        raise FidelityError(f"summary --root: {len(roots)} record folders give one table of each run at its "
+                            "longest budget; name the folder to write it to with --out")
+    target = Path(out) if out else roots[0]
+    target.mkdir(parents=True, exist_ok=True)
+    rows = group_rows(longest_records(roots) if len(roots) > 1 else load_records(roots[0]))
+    (target / "fidelity.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (target / "fidelity.md").write_text(markdown(rows))
     if rows:
-        plot(rows, root)
-    print((root / "fidelity.md").read_text())
+        plot(rows, target)
+    print((target / "fidelity.md").read_text())
     return rows

@@ -186,6 +186,40 @@ def test_summary_writes_the_table_and_every_figure_from_the_committed_records(tm
     assert json.loads((tmp_path / "fidelity.json").read_text())[0]["seeds"] == [0, 1]
 
 
+def write_record(root, name, rec, steps=100):
+    (root / name).mkdir(parents=True)
+    (root / name / "results.json").write_text(json.dumps(rec["results"] | {"steps": steps}))
+    (root / name / "protocol.json").write_text(json.dumps(rec["protocol"]))
+
+
+def test_several_records_give_one_table_of_each_run_at_its_longest_budget(tmp_path):
+    """Records of one plan at 100 and 200 meta-steps: seed 0 went on to 200, seed 1 and fo stopped at 100."""
+    short, long, out = tmp_path / "fidelity", tmp_path / "fidelity_200", tmp_path / "longest"
+    write_record(short, "20w1s_m1_sign-lsl_s0", record(0, 0.80, 0.7, {"head.weight": [0.01]}))
+    write_record(short, "20w1s_m1_sign-lsl_s1", record(1, 0.82, 0.7, {"head.weight": [0.01]}))
+    write_record(short, "20w1s_m1_fo-b0.1_s0", record(0, 0.78, 0.7, variant="fo-b0.1"))
+    write_record(long, "20w1s_m1_sign-lsl_s0", record(0, 0.86, 0.7, {"head.weight": [0.02]}), steps=200)
+    rows = summarize(f"{short},{long}", out=str(out))
+    assert sorted((r["variant"], r["steps"], tuple(r["seeds"]), tuple(r["test_chosen"])) for r in rows) == [
+        ("fo-b0.1", 100, (0,), (0.78,)), ("sign-lsl", 100, (1,), (0.82,)), ("sign-lsl", 200, (0,), (0.86,))]
+    table = (out / "fidelity.md").read_text()
+    assert "| 20w1s | 1 | sign-lsl | 1 | 200 | **86.00%**" in table and "80.00%" not in table
+    assert "20w1s, 100 meta-steps: best sign, sign-lsl (m=1, 1 seed(s)), minus best fo" in table, "equal budgets"
+    assert (out / "time_to_accuracy.png").stat().st_size > 10_000
+    assert not (short / "fidelity.md").exists() and not (long / "fidelity.md").exists(), "records left as they were"
+    assert [r["steps"] for r in summarize((str(short), str(long)), out=str(out))] == [r["steps"] for r in rows], \
+        "fire passes a,b as a tuple"
+
+
+def test_a_summary_of_several_records_needs_out_and_existing_folders(tmp_path):
+    write_record(tmp_path / "a", "20w1s_m1_fo-b0.1_s0", record(0, 0.78, 0.7, variant="fo-b0.1"))
+    with pytest.raises(FidelityError, match=r"^summary --root: 2 record folders .* with --out$"):
+        summarize(f"{tmp_path / 'a'},{tmp_path / 'a'}")
+    with pytest.raises(FidelityError, match=r"^summary --root: .*missing is not a folder of fidelity records$"):
+        summarize(f"{tmp_path / 'a'},{tmp_path / 'missing'}", out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists(), "refused before writing"
+
+
 def test_the_learned_vs_grid_goal_names_the_beta_each_seed_was_given():
     """The grid chooses β per seed (5w1s sign: 0.015 for seed 0, 0.02 for seed 1): the line names both."""
     rows = group_rows([record(0, 0.95, 0.9, setting="5w1s"), record(1, 0.95, 0.9, setting="5w1s"),
