@@ -336,11 +336,21 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_label(row: dict) -> str:
+    """A row's name in the figures: with its budget, since one variant may hold rows at several (longest_records)."""
+    return f"{row['setting']} m{row['inner_steps']} {row['variant']}, {row['steps']} steps"
+
+
+def line_style(index: int) -> dict:
+    """Ten colours, then the next line style: a figure of more than ten rows names each line once."""
+    return {"color": f"C{index % 10}", "linestyle": ("-", "--", ":", "-.")[(index // 10) % 4]}
+
+
 def plot(rows: list[dict], out: Path) -> None:
     from dist_signmaml.plot import plt, save
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [f"{r['setting']} m{r['inner_steps']} {r['variant']}" for r in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(14, max(4.5, 1.5 + 0.28 * len(rows))))
+    labels = [plot_label(r) for r in rows]
     left.barh(range(len(rows)), [100 * r["test_chosen_mean"] for r in rows],
               xerr=[100 * max(r["test_chosen_ci95"]) for r in rows], color="C0", label="protocol chosen on val")
     left.scatter([100 * r["test_paper_mean"] for r in rows], range(len(rows)), color="C3", zorder=3,
@@ -352,12 +362,13 @@ def plot(rows: list[dict], out: Path) -> None:
     left.set_yticks(range(len(rows)), labels, fontsize=8)
     left.set(xlabel="test accuracy (%)", title="Omniglot test accuracy")
     left.legend(fontsize=8)
-    for r, label in zip(rows, labels):
-        right.plot(range(len(r["test_curve"])), [100 * a for a in r["test_curve"]], marker=".", label=label)
+    for i, (r, label) in enumerate(zip(rows, labels)):
+        right.plot(range(len(r["test_curve"])), [100 * a for a in r["test_curve"]], marker=".", label=label,
+                   **line_style(i))
     right.set(xlabel="inner steps at test (training β)", ylabel="test accuracy (%)",
               title="Accuracy after each test-time inner step")
     right.grid(alpha=0.3)
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not over them
     save(figure, out / "fidelity.png")
     plot_time_to_accuracy(rows, out)
     learned = [r for r in rows if r["step_sizes"] and r["step_sizes"][0]]
@@ -380,25 +391,25 @@ def plot(rows: list[dict], out: Path) -> None:
 
 def plot_time_to_accuracy(rows: list[dict], out: Path) -> None:
     """Validation accuracy against training minutes (meta-steps × the run's mean seconds per meta-step), one panel
-    per setting, every seed, with the setting's target dashed."""
+    per setting, one above the other, every seed, with the setting's target dashed."""
     from dist_signmaml.plot import plt, save
 
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    figure, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
-    for axis, setting in zip(axes[0], settings):
+    figure, axes = plt.subplots(len(settings), 1, figsize=(13, 5 * len(settings)), squeeze=False)
+    for axis, setting in zip(axes[:, 0], settings):
         group = [r for r in rows if r["setting"] == setting]
-        for color, r in enumerate(group):
+        for index, r in enumerate(group):
             for i, curve in enumerate(r["val_curves"]):
-                axis.plot(curve["minutes"], [100 * a for a in curve["accuracy"]], color=f"C{color % 10}",
+                axis.plot(curve["minutes"], [100 * a for a in curve["accuracy"]], **line_style(index),
                           alpha=1.0 if i == 0 else 0.5, label=None if i else
-                          f"m{r['inner_steps']} {r['variant']} ({len(r['seeds'])} seed(s), val at "
-                          f"{r['val_ranking']})")
+                          f"m{r['inner_steps']} {r['variant']}, {r['steps']} steps ({len(r['seeds'])} seed(s), "
+                          f"val at {r['val_ranking']})")
         axis.axhline(100 * group[0]["target"], color="k", ls="--", lw=0.8)
         axis.set_xscale("log")
         axis.set(xlabel="training minutes, one core (log)", ylabel="validation accuracy (%)",
                  title=f"Omniglot {setting}: time to accuracy (target dashed)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not over them
     save(figure, out / "time_to_accuracy.png")
 
 
