@@ -419,7 +419,7 @@ def summarize(root: str | tuple = "", out: str = "") -> list[dict]:
     from bench.fidelity import RESULTS, FidelityError
 
     names = root.split(",") if isinstance(root, str) else list(root)  # fire reads a,b as a tuple
-    roots = [Path(r.strip()) for r in names if str(r).strip()] or [RESULTS]
+    roots = [Path(str(r).strip()) for r in names if str(r).strip()] or [RESULTS]
     for folder in roots:
         if not folder.is_dir():
             raise FidelityError(f"summary --root: {folder} is not a folder of fidelity records")
