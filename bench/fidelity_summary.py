@@ -160,10 +160,11 @@ def conditions_line(rows: list[dict]) -> str:
                          + (f"; its first {c['extended_from']['steps']} meta-steps went on from "
                             f"{c['extended_from']['record']}, measured under the conditions recorded there"
                             if c.get("extended_from") else ""))
-    together = any(c and c.get("side_by_side") for r in rows for c in r["conditions"])
-    how = ("some runs side by side (separate processes, one core each, the neighbour named per run: those were not "
-           "measured alone, and not in one interleaved benchmark), others one after another" if together else
-           "runs one after another, each pinned to one core, NOT side by side")
+    beside = [bool(c and c.get("side_by_side")) for r in rows for c in r["conditions"]]
+    paired = ("side by side (separate processes, one core each, the neighbour named per run: those were not measured "
+              "alone, and not in one interleaved benchmark)")
+    how = (f"every run {paired}" if beside and all(beside) else f"some runs {paired}, others one after another"
+           if any(beside) else "runs one after another, each pinned to one core, NOT side by side")
     calibrated = any("reference workload" in part for part in parts)
     return (f"Measuring conditions: {how}; seconds per meta-step and time to target are only as good as the load "
             f"recorded per run" + (f" and the core's speed (the reference workload: {REFERENCE_WORK}; a slower core "

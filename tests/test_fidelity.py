@@ -405,8 +405,13 @@ def test_the_conditions_give_each_runs_core_speed_when_it_was_measured():
     loaded = timed | {"load_after": {"load_average_1_5_15min": [2.0, 1.5, 1.2]}, "side_by_side": True}
     line = conditions_line([rows[0] | {"conditions": [loaded]}])
     assert "pinned to core(s) [1], load [1.0, 1.0, 1.0] (1-minute 2.0 at the end), reference workload 12.0 ms" in line
-    assert "side by side (separate processes, one core each, the neighbour named per run: those were not measured " \
-           "alone, and not in one interleaved benchmark)" in line, line
+    assert line.startswith("Measuring conditions: every run side by side (separate processes, one core each, the "
+                           "neighbour named per run: those were not measured alone, and not in one interleaved "
+                           "benchmark);"), line
+    # a table whose runs were all paired must not claim some ran one after another, nor the reverse
+    mixed = conditions_line([rows[0] | {"conditions": [loaded, {"pinned_cores": [0]}]}])
+    assert mixed.startswith("Measuring conditions: some runs side by side (") and \
+        "benchmark), others one after another;" in mixed, mixed
 
 
 def test_an_extended_runs_conditions_name_the_record_its_first_steps_were_measured_in():
