@@ -211,6 +211,30 @@ def test_several_records_give_one_table_of_each_run_at_its_longest_budget(tmp_pa
         "fire passes a,b as a tuple"
 
 
+def test_a_method_left_at_a_shorter_budget_is_compared_where_both_methods_last_met(tmp_path):
+    """Sign and fo went on to 200 meta-steps, maml stopped at 100: the overall table keeps the maml goal, at 100
+    with sign's 100-step records, rather than calling maml not run."""
+    short, long, out = tmp_path / "fidelity", tmp_path / "fidelity_200", tmp_path / "longest"
+    for seed, accuracy in ((0, 0.80), (1, 0.82)):
+        write_record(short, f"20w1s_m1_sign-lsl_s{seed}", record(seed, accuracy, 0.7, seconds=0.2))
+        write_record(long, f"20w1s_m1_sign-lsl_s{seed}", record(seed, accuracy + 0.06, 0.7, seconds=0.2), steps=200)
+    write_record(short, "20w1s_m1_maml-b0.2_s0", record(0, 0.815, 0.8, variant="maml-b0.2", seconds=0.5))
+    write_record(long, "20w1s_m1_fo-b0.1_s0", record(0, 0.84, 0.8, variant="fo-b0.1", seconds=0.2), steps=200)
+    summarize(f"{short},{long}", out=str(out))
+    table = (out / "fidelity.md").read_text()
+    assert "| 20w1s | 1 | sign-lsl | 2 | 200 | **87.00%**" in table and "| 81.00%" not in table, "rows: longest only"
+    assert "20w1s, 200 meta-steps: best sign, sign-lsl (m=1, 2 seed(s)), minus best fo, fo-b0.1 (m=1, 1 seed(s)): " \
+           "+3.00 points vs the goal ≥ +3: met" in table
+    assert "20w1s, 200 meta-steps: no maml row here, at 100 meta-steps, the longest budget both reached (every run " \
+           "that reached it): best sign, sign-lsl (m=1, 2 seed(s)), minus best maml, maml-b0.2 (m=1, 1 seed(s)): " \
+           "-0.50 points (goal ≥ −1: met) at 0.40× its seconds per meta-step (goal ≤ 0.5×: met)" in table
+    assert "maml not run yet" not in table
+    alone = tmp_path / "alone"
+    write_record(alone, "20w1s_m1_sign-lsl_s0", record(0, 0.86, 0.7))
+    summarize(str(alone))
+    assert "20w1s, 100 meta-steps: sign vs maml: maml not run yet" in (alone / "fidelity.md").read_text()
+
+
 def test_a_summary_of_several_records_needs_out_and_existing_folders(tmp_path):
     write_record(tmp_path / "a", "20w1s_m1_fo-b0.1_s0", record(0, 0.78, 0.7, variant="fo-b0.1"))
     with pytest.raises(FidelityError, match=r"^summary --root: 2 record folders .* with --out$"):
