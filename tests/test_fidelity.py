@@ -212,23 +212,30 @@ def test_several_records_give_one_table_of_each_run_at_its_longest_budget(tmp_pa
 
 
 def test_a_method_left_at_a_shorter_budget_is_compared_where_both_methods_last_met(tmp_path):
-    """Sign and fo went on to 200 meta-steps, maml stopped at 100: the overall table keeps the maml goal, at 100
-    with sign's 100-step records, rather than calling maml not run."""
+    """Sign-MAML with learned sizes and fo went on to 200 meta-steps, maml and a fixed-β sign stopped at 100: the
+    overall table keeps each goal, at the longest budget both methods reached, rather than calling one not run."""
     short, long, out = tmp_path / "fidelity", tmp_path / "fidelity_200", tmp_path / "longest"
     for seed, accuracy in ((0, 0.80), (1, 0.82)):
         write_record(short, f"20w1s_m1_sign-lsl_s{seed}", record(seed, accuracy, 0.7, seconds=0.2))
         write_record(long, f"20w1s_m1_sign-lsl_s{seed}", record(seed, accuracy + 0.06, 0.7, seconds=0.2), steps=200)
     write_record(short, "20w1s_m1_maml-b0.2_s0", record(0, 0.815, 0.8, variant="maml-b0.2", seconds=0.5))
+    write_record(short, "20w1s_m1_fo-b0.1_s0", record(0, 0.78, 0.8, variant="fo-b0.1", seconds=0.2))
     write_record(long, "20w1s_m1_fo-b0.1_s0", record(0, 0.84, 0.8, variant="fo-b0.1", seconds=0.2), steps=200)
+    write_record(short, "20w1s_m1_sign-b0.005_s0", record(0, 0.79, 0.8, variant="sign-b0.005", seconds=0.2))
     summarize(f"{short},{long}", out=str(out))
     table = (out / "fidelity.md").read_text()
-    assert "| 20w1s | 1 | sign-lsl | 2 | 200 | **87.00%**" in table and "| 81.00%" not in table, "rows: longest only"
+    assert "| 20w1s | 1 | sign-lsl | 2 | 200 | **87.00%**" in table and "**81.00%**" not in table, "longest only"
     assert "20w1s, 200 meta-steps: best sign, sign-lsl (m=1, 2 seed(s)), minus best fo, fo-b0.1 (m=1, 1 seed(s)): " \
            "+3.00 points vs the goal ≥ +3: met" in table
     assert "20w1s, 200 meta-steps: no maml row here, at 100 meta-steps, the longest budget both reached (every run " \
            "that reached it): best sign, sign-lsl (m=1, 2 seed(s)), minus best maml, maml-b0.2 (m=1, 1 seed(s)): " \
            "-0.50 points (goal ≥ −1: met) at 0.40× its seconds per meta-step (goal ≤ 0.5×: met)" in table
     assert "maml not run yet" not in table
+    # at 100 the table keeps sign-b0.005 and maml; fo and sign-lsl went on, so fo is compared at 100 from every record
+    assert "20w1s, 100 meta-steps: no fo row here, its runs went on further; among every run that reached 100 " \
+           "meta-steps: best sign, sign-lsl (m=1, 2 seed(s)), minus best fo, fo-b0.1 (m=1, 1 seed(s)): +3.00 points" \
+           in table
+    assert "20w1s, 100 meta-steps: best sign, sign-b0.005 (m=1, 1 seed(s)), minus best maml" in table
     alone = tmp_path / "alone"
     write_record(alone, "20w1s_m1_sign-lsl_s0", record(0, 0.86, 0.7))
     summarize(str(alone))
