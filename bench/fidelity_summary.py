@@ -44,16 +44,15 @@ def load_records(root: Path) -> list[dict]:
     return records
 
 
-def longest_records(roots: list[Path]) -> list[dict]:
-    """Each run's record at the longest budget among `roots` (records of one plan at several budgets, e.g.
+def longest_records(records: list[dict]) -> list[dict]:
+    """Each run's record at the longest budget among `records` (of one plan at several budgets, e.g. the folders
     fidelity, fidelity_8000, fidelity_16000): the figures a reader wants first, with every run as far as it went.
     Runs left at different budgets stay in rows of their own (group_rows keys on the budget)."""
     longest: dict[str, dict] = {}
-    for root in roots:
-        for record in load_records(root):
-            kept = longest.get(record["name"])
-            if kept is None or record["results"]["steps"] > kept["results"]["steps"]:
-                longest[record["name"]] = record
+    for record in records:
+        kept = longest.get(record["name"])
+        if kept is None or record["results"]["steps"] > kept["results"]["steps"]:
+            longest[record["name"]] = record
     return sorted(longest.values(), key=lambda r: r["name"])
 
 
@@ -452,8 +451,9 @@ def summarize(root: str | tuple = "", out: str = "") -> list[dict]:
                             "longest budget; name the folder to write it to with --out")
     target = Path(out) if out else roots[0]
     target.mkdir(parents=True, exist_ok=True)
-    rows = group_rows(longest_records(roots) if len(roots) > 1 else load_records(roots[0]))
-    every_budget = group_rows([r for folder in roots for r in load_records(folder)]) if len(roots) > 1 else rows
+    records = [record for folder in roots for record in load_records(folder)]
+    rows = group_rows(longest_records(records) if len(roots) > 1 else records)
+    every_budget = group_rows(records) if len(roots) > 1 else rows
     (target / "fidelity.json").write_text(json.dumps(rows, indent=1) + "\n")
     (target / "fidelity.md").write_text(markdown(rows, every_budget))
     if rows:
