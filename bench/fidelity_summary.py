@@ -47,13 +47,36 @@ def load_records(root: Path) -> list[dict]:
 def longest_records(records: list[dict]) -> list[dict]:
     """Each run's record at the longest budget among `records` (of one plan at several budgets, e.g. the folders
     fidelity, fidelity_8000, fidelity_16000): the figures a reader wants first, with every run as far as it went.
-    Runs left at different budgets stay in rows of their own (group_rows keys on the budget)."""
+    Runs left at different budgets stay in rows of their own (group_rows keys on the budget); where the seeds of one
+    variant stopped at different budgets, each seed's record at the longest budget all of them reached is kept too,
+    so that the variant keeps a row of all its seeds, since one seed alone has no spread to read its mean against."""
     longest: dict[str, dict] = {}
     for record in records:
         kept = longest.get(record["name"])
         if kept is None or record["results"]["steps"] > kept["results"]["steps"]:
             longest[record["name"]] = record
-    return sorted(longest.values(), key=lambda r: r["name"])
+    chosen = list(longest.values())
+    for seeds in group_by(chosen, variant_key).values():
+        common = min(r["results"]["steps"] for r in seeds)
+        if len(seeds) < 2 or all(r["results"]["steps"] == common for r in seeds):
+            continue
+        at_common = {r["name"]: r for r in records if variant_key(r) == variant_key(seeds[0])
+                     and r["results"]["steps"] == common}
+        if len(at_common) == len(seeds):
+            chosen += [r for r in at_common.values() if r is not longest[r["name"]]]
+    return sorted(chosen, key=lambda r: (r["name"], r["results"]["steps"]))
+
+
+def variant_key(record: dict) -> tuple:
+    """What makes records seeds of one variant: the setting, the inner steps m and the variant."""
+    return record["setting"], record["inner_steps"], record["variant"]
+
+
+def group_by(records: list[dict], key) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault(key(record), []).append(record)
+    return groups
 
 
 def plateau_gain(history: list[dict], steps: int) -> float:
@@ -96,11 +119,8 @@ def group_rows(records: list[dict]) -> list[dict]:
     from bench.fidelity import TARGETS
     from bench.reproduce import grid_steps_for
 
-    groups: dict[tuple, list[dict]] = {}
-    for record in records:
-        key = (record["setting"], record["inner_steps"], record["variant"], record["results"]["steps"],
-               val_ranking(record["results"]))
-        groups.setdefault(key, []).append(record)  # seeds of one budget and validation only: others get own rows
+    # seeds of one budget and validation ranking only: the others get rows of their own
+    groups = group_by(records, lambda r: variant_key(r) + (r["results"]["steps"], val_ranking(r["results"])))
     rows = []
     for (setting, m, variant, steps, ranking), runs in groups.items():
         chosen = [r["protocol"]["test_chosen"] for r in runs]
