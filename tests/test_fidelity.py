@@ -200,12 +200,16 @@ def test_several_records_give_one_table_of_each_run_at_its_longest_budget(tmp_pa
     write_record(short, "20w1s_m1_sign-lsl_s1", record(1, 0.82, 0.7, {"head.weight": [0.01]}))
     write_record(short, "20w1s_m1_fo-b0.1_s0", record(0, 0.78, 0.7, variant="fo-b0.1"))
     write_record(long, "20w1s_m1_sign-lsl_s0", record(0, 0.86, 0.7, {"head.weight": [0.02]}), steps=200)
+    # fo's seed 1 has no record at 100, so fo has no row of both seeds: each stays at its own budget
+    write_record(long, "20w1s_m1_fo-b0.1_s1", record(1, 0.83, 0.7, variant="fo-b0.1"), steps=200)
     rows = summarize(f"{short},{long}", out=str(out))
     assert sorted((r["variant"], r["steps"], tuple(r["seeds"]), tuple(r["test_chosen"])) for r in rows) == [
-        ("fo-b0.1", 100, (0,), (0.78,)), ("sign-lsl", 100, (0, 1), (0.80, 0.82)), ("sign-lsl", 200, (0,), (0.86,))]
+        ("fo-b0.1", 100, (0,), (0.78,)), ("fo-b0.1", 200, (1,), (0.83,)),
+        ("sign-lsl", 100, (0, 1), (0.80, 0.82)), ("sign-lsl", 200, (0,), (0.86,))]
     table = (out / "fidelity.md").read_text()
     assert "| 20w1s | 1 | sign-lsl | 1 | 200 | **86.00%**" in table
     assert "| 20w1s | 1 | sign-lsl | 2 | 100 | **81.00%**; ±1.00" in table
+    assert "| 20w1s | 1 | sign-lsl | 1 | 100 |" not in table, "seed 0's shorter record only in the row of both seeds"
     assert "20w1s, 100 meta-steps: best sign, sign-lsl (m=1, 2 seed(s)), minus best fo" in table, "equal budgets"
     assert (out / "time_to_accuracy.png").stat().st_size > 10_000
     assert not (short / "fidelity.md").exists() and not (long / "fidelity.md").exists(), "records left as they were"
