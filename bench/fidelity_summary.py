@@ -24,6 +24,9 @@ from dist_signmaml.metatest import selected_score
 
 PLATEAU_SHARE = 0.2  # validation has plateaued when the last 20% of steps raised the best accuracy by
 PLATEAU_POINTS = 0.5  # less than this many points
+# A last validation this many points under the run's best means training fell apart (a one-step validation moves by
+# 1 to 2 points); the plateau check alone would read such a run, whose best came early, as plateaued.
+COLLAPSE_POINTS = 5.0
 # The reproduction's goals (reported against, never tuned to): 20w1s sign >= fo + 3 points and >= maml - 1 point at
 # <= 0.5x maml's time per meta-step; 5w1s every method >= 97%; learned step sizes within 1 point of the grid's beta.
 SIGN_OVER_FO_POINTS = 3.0
@@ -89,6 +92,17 @@ def plateau_gain(history: list[dict], steps: int) -> float:
     return 100 * (max(selected_score(h)["accuracy"] for h in history) - max(before))
 
 
+def final_drop(history: list[dict]) -> float:
+    """Points the last validation lies under the run's best (each ranked as its run ranked it)."""
+    scores = [selected_score(h)["accuracy"] for h in history]
+    return 100 * (max(scores) - scores[-1])
+
+
+def plateau_cell(gain: float, drop: float) -> str:
+    """A run's last-20% gain, and how far its last validation fell when it fell apart."""
+    return f"{gain:+.2f}" + (f" (collapsed: last val {-drop:.2f})" if drop >= COLLAPSE_POINTS else "")
+
+
 def time_to_target(history: list[dict], target: float, seconds_per_step: float) -> dict:
     """First validation at or above `target` (ranked as its run ranked it): its meta-step and the training seconds to
     reach it."""
@@ -144,6 +158,7 @@ def group_rows(records: list[dict]) -> list[dict]:
             "best_val_mean": statistics.fmean(selected_score(r["results"]["best_val"])["accuracy"] for r in runs),
             "val_ranking": ranking,
             "plateau_gain_points": [plateau_gain(r["results"]["val_history"], steps) for r in runs],
+            "final_val_drop_points": [final_drop(r["results"]["val_history"]) for r in runs],
             "seconds_per_meta_step": statistics.fmean(seconds),
             "cpu_hours": sum(s * steps for s in seconds) / 3600,  # the final runs, one core each
             # a record does not time its grid's runs: each lasted GRID_FRACTION of the budget, at about its final pace
@@ -348,7 +363,7 @@ def markdown(rows: list[dict], every_budget: list[dict] | None = None) -> str:
         reach = ", ".join("—" if t["step"] is None else f"{t['step']} ({t['seconds'] / 60:.1f} min)"
                           for t in r["time_to_target"])
         ci = "/".join(f"{100 * c:.2f}" for c in r["test_chosen_ci95"])
-        gain = "/".join(f"{g:+.2f}" for g in r["plateau_gain_points"])
+        gain = "/".join(plateau_cell(g, d) for g, d in zip(r["plateau_gain_points"], r["final_val_drop_points"]))
         hours = f"{r['cpu_hours']:.2f}" + (f" (+≈{r['grid_cpu_hours_estimate']:.2f})"
                                            if r["grid_cpu_hours_estimate"] else "")
         lines.append(f"| {r['setting']} | {r['inner_steps']} | {r['variant']} | {len(r['seeds'])} | {r['steps']} | "

@@ -51,6 +51,17 @@ def test_plateau_and_time_to_target_read_the_validation_history():
     assert time_to_target(history, 0.9, 0.2) == {"step": None, "seconds": None}
 
 
+def test_a_run_whose_validation_fell_apart_is_marked_collapsed_beside_its_plateau_check():
+    """A best validation early and a last one far under it pass the plateau check (+0.00): the table says why."""
+    collapsed, steady = record(0, 0.8, 0.7), record(1, 0.8, 0.7)
+    collapsed["results"]["val_history"] = [{"step": s, "accuracy": a} for s, a in ((20, 0.9), (90, 0.88), (100, 0.6))]
+    steady["results"]["val_history"] = [{"step": s, "accuracy": a} for s, a in ((20, 0.8), (90, 0.86), (100, 0.83))]
+    (row,) = group_rows([collapsed, steady])
+    assert row["plateau_gain_points"] == [pytest.approx(0.0), pytest.approx(6.0)]
+    assert row["final_val_drop_points"] == [pytest.approx(30.0), pytest.approx(3.0)]
+    assert "| +0.00 (collapsed: last val -30.00)/+6.00 |" in markdown([row])
+
+
 def test_a_history_ranked_over_step_counts_is_read_at_its_best_count():
     """--val_select any_steps: 'accuracy' stays at the test steps; the plateau and the target read best_steps."""
     def entry(step, at_ten, best):
