@@ -24,7 +24,7 @@ from dist_signmaml.metatest import selected_score
 
 PLATEAU_SHARE = 0.2  # validation has plateaued when the last 20% of steps raised the best accuracy by
 PLATEAU_POINTS = 0.5  # less than this many points
-# A last validation this many points under the run's best means training fell apart (a one-step validation moves by
+# A last validation this many points under the run's best means training fell apart (successive validations move by
 # 1 to 2 points); the plateau check alone would read such a run, whose best came early, as plateaued.
 COLLAPSE_POINTS = 5.0
 # The reproduction's goals (reported against, never tuned to): 20w1s sign >= fo + 3 points and >= maml - 1 point at
