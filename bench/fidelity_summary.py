@@ -21,12 +21,12 @@ from bench.common import REFERENCE_WORK
 from bench.protocol import PROTOCOL_JSON
 from dist_signmaml.artifacts import RESULTS_JSON
 from dist_signmaml.metatest import selected_score
+from dist_signmaml.monitor import COLLAPSE_POINTS
 
 PLATEAU_SHARE = 0.2  # validation has plateaued when the last 20% of steps raised the best accuracy by
 PLATEAU_POINTS = 0.5  # less than this many points
-# A last validation this many points under the run's best means training fell apart (successive validations move by
-# 1 to 2 points); the plateau check alone would read such a run, whose best came early, as plateaued.
-COLLAPSE_POINTS = 5.0
+# A run whose last validation lies COLLAPSE_POINTS under its best fell apart; the plateau check alone would read such
+# a run, whose best came early, as plateaued.
 # The reproduction's goals (reported against, never tuned to): 20w1s sign >= fo + 3 points and >= maml - 1 point at
 # <= 0.5x maml's time per meta-step; 5w1s every method >= 97%; learned step sizes within 1 point of the grid's beta.
 SIGN_OVER_FO_POINTS = 3.0

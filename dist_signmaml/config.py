@@ -81,6 +81,8 @@ class TrainConfig:
                                          "adapted tensor) | layer_step (per tensor and inner step; test steps past "
                                          "the last trained one reuse its sizes); initialised from --inner_lr")
     inner_lr_lr: float = _field(0.01, "Adam learning rate of the learned log step sizes (--learn_inner_lr)")
+    meta_grad_clip: float = _field(0.0, "clip the meta-gradient of all meta-parameters together to this L2 norm "
+                                        "before the outer update (0 = off, as in the paper)")
     multi_step_loss: bool = _field(False, "train on the query loss after every inner step, MAML++'s annealed weights "
                                           "(memory stays flat in --inner_steps for sign/fo/signum)")
     meta_batch: int = _field(0, "tasks per meta-step over all ranks; 0 = the paper's P = 4 rounded up to a multiple of "
@@ -179,6 +181,9 @@ class TrainConfig:
             value = getattr(self, flag)
             need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                  and 0 < value < 1e6, flag, "a finite positive number below 1e6")
+        need(isinstance(self.meta_grad_clip, (int, float)) and not isinstance(self.meta_grad_clip, bool)
+             and math.isfinite(self.meta_grad_clip) and self.meta_grad_clip >= 0, "meta_grad_clip",
+             "a finite number >= 0 (0 = no clipping)")
         need(self.outer_lr_schedule in OUTER_LR_SCHEDULES, "outer_lr_schedule", f"one of {', '.join(OUTER_LR_SCHEDULES)}")
         need(self.learn_inner_lr in LEARNED_STEP_SIZES, "learn_inner_lr", f"one of {', '.join(LEARNED_STEP_SIZES)}")
         need(isinstance(self.multi_step_loss, bool), "multi_step_loss", "True or False")

@@ -89,19 +89,32 @@ def names_lost_peers(what: str):
     return decorate
 
 
+def meta_parameters(optimizer) -> list[torch.Tensor]:
+    """Everything the outer update changes: the meta-initialisation and any learned step sizes."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def meta_gradient_norm(optimizer) -> torch.Tensor:
+    """The L2 norm of the meta-gradient over every meta-parameter (0 for parameters without a gradient)."""
+    grads = [p.grad for p in meta_parameters(optimizer) if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
 class Engine:
     def __init__(self, out_dir: str | Path, seed: int, log_with: str | None = "tensorboard", *,
-                 zero_stage: int = 0, timeout_s: float = 300.0):
+                 zero_stage: int = 0, timeout_s: float = 300.0, meta_grad_clip: float = 0.0):
         self.out_dir = Path(out_dir)
+        self.meta_grad_clip = float(meta_grad_clip)  # the meta-gradient's L2 norm limit; 0: no clipping
         self.zero_stage = resolve_zero_stage(zero_stage)
         self.timeout_s = float(timeout_s)
         deepspeed = None
         if self.zero_stage:
             self._check_deepspeed_launch()
             deepspeed = DeepSpeedPlugin(zero_stage=self.zero_stage, gradient_accumulation_steps=1)
-            # No clipping, as under DDP: DeepSpeed 0.19 clips at global norm 1.0 unless told otherwise, which made
-            # ZeRO steps 4x shorter than DDP's in tests/test_deepspeed.py. Batch sizes are filled in prepare().
-            deepspeed.deepspeed_config["gradient_clipping"] = 0.0
+            # The same clipping as under DDP (none unless --meta_grad_clip): DeepSpeed 0.19 clips at global norm 1.0
+            # unless told otherwise, which made ZeRO steps 4x shorter than DDP's in tests/test_deepspeed.py. Batch
+            # sizes are filled in prepare().
+            deepspeed.deepspeed_config["gradient_clipping"] = self.meta_grad_clip
             # The optimizer is a plain torch one (Adam, or SGD in tests); ZeRO 1/2 apply it to flat fp32 partitions.
             deepspeed.deepspeed_config["zero_allow_untested_optimizer"] = True
         # broadcast_buffers=False: the backbones keep no BatchNorm buffers, and torch.func calls must not see DDP
@@ -194,7 +207,8 @@ class Engine:
     def meta_step(self, learner, optimizer, episodes, phase=None, *, step: int = 0, on_nonfinite: str = "stop",
                   **forward_options):
         """One meta-update on this rank's share of the meta-batch: the meta-loss through the *prepared* module's
-        forward (so DDP/DeepSpeed see it), one backward that averages the meta-gradient over ranks, one step.
+        forward (so DDP/DeepSpeed see it), one backward that averages the meta-gradient over ranks, one step
+        (after clipping the averaged meta-gradient's norm to --meta_grad_clip, when set).
         `phase(name)`, if given, is a context manager timing each part (monitor.PhaseTimer.phase).
 
         Before the update the ranks vote on whether any loss or meta-gradient is non-finite; if so no rank applies
@@ -210,9 +224,13 @@ class Engine:
                 with phase("outer_backward"):
                     self.backward(output.loss)
                 if not self.zero_stage:
-                    bad = self._first_non_finite(output.loss, optimizer)
+                    output.meta_grad_norm = meta_gradient_norm(optimizer)
+                    bad = self._first_non_finite(output.loss, output.meta_grad_norm)
             with phase("optimizer_step"):
                 if bad is None:
+                    if self.meta_grad_clip and not self.zero_stage:  # DeepSpeed clips inside its own step
+                        torch.nn.utils.clip_grads_with_norm_(meta_parameters(optimizer), self.meta_grad_clip,
+                                                             output.meta_grad_norm)
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         if bad is None:
@@ -223,17 +241,17 @@ class Engine:
                              f"checkpoint (all finite). Lower --inner_lr/--outer_lr, check the data's statistics, or "
                              f"pass --on_nonfinite skip_step")
 
-    def _first_non_finite(self, loss: torch.Tensor, optimizer) -> str | None:
+    def _first_non_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> str | None:
         """Which rank, if any, has a non-finite loss or (after backward) meta-gradient, agreed by every rank.
 
         After DDP's backward every rank holds the same all-reduced meta-gradient, and a non-finite loss on any rank
-        makes it non-finite (NaN and inf survive the sum): every rank reaches the same verdict from its own
-        gradients, so a healthy step costs no collective. Only a bad step votes, to name the rank. Without
-        gradients (DeepSpeed: its optimizer runs inside backward) the ranks vote on the loss every step."""
+        makes it non-finite (NaN and inf survive the sum): every rank reaches the same verdict from the norm of its
+        own gradients, so a healthy step costs no collective. Only a bad step votes, to name the rank. Without
+        gradients (grad_norm None; DeepSpeed: its optimizer runs inside backward) the ranks vote on the loss every
+        step."""
         grad_bad = False
-        if optimizer is not None:
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        if grad_norm is not None:
+            if bool(torch.isfinite(grad_norm)):
                 return None  # the same verdict on every rank: nothing to agree on (one host sync per healthy step)
             grad_bad = True
         loss_bad = not bool(torch.isfinite(loss.detach()).all())

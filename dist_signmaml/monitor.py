@@ -8,6 +8,7 @@ on the main process only):
     train/accuracy_before             on logging steps (an extra query pass), mean over ranks; stays at chance,
                                       1/ways, by design (see TAG_DESCRIPTIONS, shown on the scalar's card)
     train/step_seconds, train/tasks_per_second                 wall time of one meta-iteration, meta-batch / that
+    train/meta_grad_norm              L2 norm of the averaged meta-gradient before --meta_grad_clip (not under DeepSpeed)
     time/data_wait, time/inner_loop, time/outer_backward, time/optimizer_step   seconds per phase (see PhaseTimer)
     memory/peak_mib                                            peak memory, max over ranks (see peak_memory_mib)
     inner/support_grad_norm, inner/sign_agreement, inner/moved_fraction      algorithms.inner.inner_diagnostics
@@ -38,6 +39,9 @@ from dist_signmaml.artifacts import (BEST_WEIGHTS, FINAL_WEIGHTS, RESULTS_JSON, 
 from dist_signmaml.metatest import EVALUATION_SEED, STEP_COUNTS, meta_test, selected_score
 
 PHASES = ("data_wait", "inner_loop", "outer_backward", "optimizer_step")
+# A validation this many points under the run's best means training fell apart (successive validations of a healthy
+# run move by 1 to 2 points): the validator warns, and the fidelity tables mark such a run as collapsed.
+COLLAPSE_POINTS = 5.0
 # Shown by TensorBoard with the scalar (the card's description) for tags whose values look wrong but are not.
 TAG_DESCRIPTIONS = {
     "train/accuracy_before": (
@@ -169,6 +173,8 @@ class TrainMonitor:
         self._window.append({"train/loss": float(output.loss.detach()),
                              "train/accuracy_after": float(output.accuracy_after),
                              "train/step_seconds": times["meta_iteration"]}
+                            | ({"train/meta_grad_norm": float(output.meta_grad_norm)}
+                               if output.meta_grad_norm is not None else {})
                             | {f"time/{name}": times.get(name, 0.0) for name in PHASES})
         self.progress.update(1)
         if self.should_log(step):
@@ -250,7 +256,8 @@ def log_config_text(engine, config_json: str, step: int = 0) -> None:
 class Validator:
     """Meta-tests the val split's fixed episodes on its own cadence (every `every` steps and at the last step;
     every=0: only at the last step) and keeps the weights with the best val accuracy, in memory and as
-    OUT/model_best.safetensors (same format as model.safetensors, plus the step and the val result).
+    OUT/model_best.safetensors (same format as model.safetensors, plus the step and the val result). A validation
+    COLLAPSE_POINTS or more under the best gets a warning: a run can fall apart long after its best.
 
     `select`: test_steps ranks validations by the accuracy after `inner_steps` inner steps (the protocol the final
     test uses); any_steps by the best accuracy after any of STEP_COUNTS up to `inner_steps`, all from one adaptation
@@ -288,6 +295,12 @@ class Validator:
             self.engine.export(learner, self.best_path, self.export_metadata | {"step": step, "val": result})
         self.engine.print0(f"step {step}: val {describe(result)} over {result['episodes']} episodes"
                            + (" (best so far)" if improved else f" (best {describe(self.best)} at step {self.best['step']})"))
+        under_best = 100 * (selected_score(self.best)["accuracy"] - selected_score(result)["accuracy"])
+        if under_best >= COLLAPSE_POINTS:
+            self.engine.print0(f"warning: step {step}: validation lies {under_best:.2f} points under its best (step "
+                               f"{self.best['step']}): training may be falling apart. The final test scores the best "
+                               f"weights ({BEST_WEIGHTS}); a lower --outer_lr, --outer_lr_schedule cosine or "
+                               f"--meta_grad_clip (see train/meta_grad_norm) may keep such a run stable")
         return result
 
     def restore_best(self, learner) -> int | None:

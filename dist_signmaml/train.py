@@ -47,7 +47,7 @@ def run_training(config: TrainConfig, threads: tuple[int, str, list[int] | None]
     stop_when_launcher_dies()
     # The engine ends on every way out, errors included: trackers closed, process groups destroyed.
     with Engine(config.out, config.seed, log_with=config.log_with, zero_stage=config.zero_stage,
-                timeout_s=config.dist_timeout) as engine:
+                timeout_s=config.dist_timeout, meta_grad_clip=config.meta_grad_clip) as engine:
         return meta_train(resolve_for_launch(config, engine), engine, threads)
 
 

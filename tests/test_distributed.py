@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 def test_two_ranks_match_one_process_for_sign_fo_and_maml(tmp_path, omniglot_root):
     """2 ranks x 2 tasks == 1 process x 4 tasks, step by step and after 3 steps, for sign, fo, maml and sign with
-    learned step sizes; and the same
-    check catches a gradient summed over ranks and one that is not reduced at all (the script asserts both)."""
+    learned step sizes, also with --meta_grad_clip; and the same check catches a gradient summed over ranks and one
+    that is not reduced at all (the script asserts both)."""
     result = run(two_cpu_ranks(SCRIPTS / "equivalence.py", "--data", omniglot_root, "--out", tmp_path,
                                "--algos", "sign,fo,maml,sign+lsl", "--steps", "3"), child_env(), timeout=300)
     assert result.returncode == 0, result.stdout[-6000:]
@@ -32,6 +32,7 @@ def test_two_ranks_match_one_process_for_sign_fo_and_maml(tmp_path, omniglot_roo
         numbers = report[algo]
         assert numbers["rank_spread"] == 0.0, (algo, numbers)
         assert numbers["step_error"] <= 1e-5, (algo, numbers)
+        assert numbers["clipped_step_error"] <= 1e-5, (algo, numbers)  # clipped as one process clips
         assert numbers["end_error"] <= numbers["end_tolerance"], (algo, numbers)
         # the broken reductions are off by a sizeable fraction of a whole step, the working one by float rounding
         assert numbers["broken_summed_step_error"] > 1e3 * max(numbers["step_error"], 1e-7), (algo, numbers)

@@ -217,6 +217,38 @@ def test_a_resumed_run_counts_its_timings_and_skipped_updates_over_the_whole_run
     assert event_steps(tmp_path / "run" / "tb", "train/nonfinite_steps_skipped") == [(2, 1.0), (5, 2.0)]
 
 
+def test_meta_grad_clip_limits_the_meta_gradient_that_adam_applies(tmp_path, tiny_data, monkeypatch):
+    """Adam's step sees the meta-gradient (all meta-parameters together) at --meta_grad_clip's norm when it was
+    larger, and unclipped by default: the same run's meta-gradients are far larger than the limit. The logged
+    train/meta_grad_norm is the norm before clipping (both runs take the same first step)."""
+    seen = []
+    adam_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.nn.utils.get_total_norm(grads)))
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    run(tmp_path, tiny_data, steps=3, out=str(tmp_path / "unclipped"))
+    unclipped = list(seen)
+    seen.clear()
+    run(tmp_path, tiny_data, steps=3, out=str(tmp_path / "clipped"), meta_grad_clip=1e-3)
+    assert len(unclipped) == 3 and min(unclipped) > 1e-2, unclipped
+    assert seen == pytest.approx([1e-3] * 3, rel=1e-4)
+    logged = {run_name: [value for _, value in event_steps(tmp_path / run_name / "tb", "train/meta_grad_norm")]
+              for run_name in ("unclipped", "clipped")}
+    assert logged["unclipped"] == pytest.approx(unclipped, rel=1e-5)
+    assert logged["clipped"][0] == pytest.approx(unclipped[0], rel=1e-5) and min(logged["clipped"]) > 1e-2
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])
+def test_a_negative_or_non_finite_meta_grad_clip_is_refused(value):
+    with pytest.raises(ConfigError, match=r"--meta_grad_clip=.* is invalid: expected a finite number >= 0 \(0 = no "
+                                          r"clipping\)"):
+        TrainConfig.from_options(meta_grad_clip=value)
+
+
 @pytest.mark.parametrize("flag,value", [("outer_lr", 1e400), ("inner_lr", float("nan")), ("inner_lr", 1e30)])
 def test_non_finite_or_overflowing_learning_rates_are_refused(flag, value):
     with pytest.raises(ConfigError, match=rf"--{flag}=.* is invalid: expected a finite positive number below 1e6"):

@@ -131,13 +131,13 @@ def test_components_decide_their_own_cadence():
 class RecordingEngine:
     """What Validator.validate needs of the engine: logging, printing and exporting are recorded, not done."""
     def __init__(self):
-        self.logged, self.exported = [], []
+        self.logged, self.exported, self.printed = [], [], []
 
     def log(self, values, step):
         self.logged.append((step, values))
 
     def print0(self, *args):
-        pass
+        self.printed.append(" ".join(map(str, args)))
 
     def unwrap(self, learner):
         return learner
@@ -189,3 +189,25 @@ def test_results_markdown_shows_the_ranked_count_of_a_validation_over_step_count
     assert "| val (best) | step 4 | 10 | 10 | 40.00 ± 1.00% |" in text
     assert "| val (best, ranked) | step 4 | 10 | 1 | 90.00 ± 2.00% |" in text
     assert "| 4 | 40.00 ± 1.00% at 10 steps, 90.00 ± 2.00% at 1 |" in text
+
+
+def test_a_validation_far_under_the_best_warns_that_training_may_be_falling_apart(monkeypatch, tmp_path):
+    """A run at 94% that later reads 91% (3 points under: noise at 100 episodes) gets no warning; one that reads 61%
+    (33 points under, as MAML's 20-way seed 0 did) does, naming the best step and the weights the test will use."""
+    import dist_signmaml.monitor as monitor_module
+
+    scripted = {1: 0.94, 2: 0.91, 3: 0.61}
+    monkeypatch.setattr(monitor_module, "meta_test", lambda learner, engine, split_dir, shape, *, desc, **kw: {
+        "accuracy": scripted[int(desc.split("@")[1])], "ci95": 0.01, "episodes": 100, "inner_steps": 1})
+    engine = RecordingEngine()
+    validator = Validator(engine, ".", None, episodes=100, every=1, last_step=3, inner_steps=1, tasks_per_batch=1,
+                          out_dir=tmp_path, export_metadata={})
+    learner = torch.nn.Linear(2, 2)
+    warnings = []
+    for step in (1, 2, 3):
+        validator.validate(learner, step)
+        warnings.append([line for line in engine.printed if line.startswith("warning:")])
+        engine.printed.clear()
+    assert warnings[:2] == [[], []]
+    assert len(warnings[2]) == 1 and "step 3: validation lies 33.00 points under its best (step 1)" in warnings[2][0]
+    assert "model_best.safetensors" in warnings[2][0] and validator.best["step"] == 1

@@ -72,6 +72,9 @@ class MetaOutput:
     diagnostics: dict[str, torch.Tensor] | None = None
     # the learned betas by tensor name (a list over inner steps for layer_step); filled with the diagnostics
     step_sizes: dict[str, float | list[float]] | None = None
+    # L2 norm of the meta-gradient (averaged over ranks, before --meta_grad_clip); set by the engine after backward,
+    # except under DeepSpeed, whose optimizer runs inside backward
+    meta_grad_norm: torch.Tensor | None = None
 
 
 class MetaLearner(nn.Module):

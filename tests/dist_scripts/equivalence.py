@@ -16,7 +16,8 @@ Two comparisons, both against a plain single-process run on the whole meta-batch
     by far more than rounding (measured 1.5e-4 after 3 steps against a movement of 0.2).
 DDP (--zero_stage 0): all of --algos, plus two deliberately broken reductions that must *fail* the step check (the
 gradient summed over ranks, and the meta-loss through the unwrapped module: no all-reduce at all), plus the
-refusal of a meta-batch that does not split evenly.
+refusal of a meta-batch that does not split evenly, plus --meta_grad_clip: the ranks clip the averaged
+meta-gradient as one process clips the whole batch's (clipping each rank's own share first would differ).
 DeepSpeed (--zero_stage 1|2): one algorithm (one model per DeepSpeed engine); the reference steps are torch DDP
 steps in the same processes, so the check is "ZeRO matches DDP" (and DDP matches one process, checked as well).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -37,12 +39,16 @@ from meta_harness import (flat_parameters, global_batches, make_learner, max_dif
 STEP_TOLERANCE = 1e-5  # float32 summation order; measured 3e-8 .. 3e-7
 SIGN_DRIFT = 0.05  # end-to-end sign runs: at most this fraction of the parameters' movement (measured < 1e-3)
 BROKEN_MINIMUM = 1e-3  # a broken reduction moves parameters by about lr * |gradient| (measured > 0.1)
+CLIP_NORM = 1e-2  # far under the meta-gradients' norm here, so every step is clipped
 
 
-def one_process_step(module, batch, lr: float) -> torch.Tensor:
-    """Parameters after one plain SGD step of a copy of `module` on the whole meta-batch."""
+def one_process_step(module, batch, lr: float, max_norm: float = 0.0) -> torch.Tensor:
+    """Parameters after one plain SGD step of a copy of `module` on the whole meta-batch (its meta-gradient first
+    clipped to `max_norm` when that is set)."""
     module = copy.deepcopy(module)
     module(*batch).loss.backward()
+    if max_norm:
+        torch.nn.utils.clip_grad_norm_(list(module.parameters()), max_norm)
     with torch.no_grad():
         for p in module.parameters():
             p -= lr * p.grad
@@ -126,6 +132,12 @@ def check_algorithm(engine: Engine, algo: str, batches, lr: float) -> dict:
             _, broken = train_through_engine(engine, initial, batches[:1], lr, **options)
             assert broken > BROKEN_MINIMUM, f"{algo}: a {bug} gradient went unnoticed (step difference {broken:.2e})"
             result[f"broken_{bug}_step_error"] = broken
+        clipped = functools.partial(one_process_step, max_norm=CLIP_NORM)
+        bites = max_difference(clipped(initial, batches[0], lr), one_process_step(initial, batches[0], lr))
+        assert bites > BROKEN_MINIMUM, f"{algo}: clipping at {CLIP_NORM} hardly changed a step ({bites:.2e})"
+        engine.meta_grad_clip = CLIP_NORM
+        _, result["clipped_step_error"] = train_through_engine(engine, initial, batches, lr, clipped)
+        engine.meta_grad_clip = 0.0
     spread = spread_over_ranks(engine, flat_parameters(trained))
     assert spread == 0.0, f"{algo}: {name} ranks disagree by {spread:.3e}"
     assert step_error <= STEP_TOLERANCE, f"{algo}: {name} per-step difference {step_error:.3e} > {STEP_TOLERANCE}"
