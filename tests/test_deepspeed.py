@@ -25,12 +25,14 @@ pytest.importorskip("transformers", reason="Accelerate's DeepSpeed integration n
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stage_matches_ddp_on_two_cpu_ranks(tmp_path, omniglot_root, stage):
     # Stage 2 goes through the preset file, stage 1 through launcher flags: both ways of asking for DeepSpeed.
+    # Stage 1 also clips the meta-gradient (--meta_grad_clip, which DeepSpeed applies inside its own step), stage 2
+    # does not: DeepSpeed's default clipping at norm 1.0 must stay off.
     how = (["--config_file", str(LAUNCH / "deepspeed_zero2.yaml"), "--num_processes", "2"] if stage == 2 else
            ["--use_deepspeed", "--zero_stage", "1", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no"])
     command = ACCELERATE + how + ["--main_process_port", str(free_port()), str(SCRIPTS / "equivalence.py"),
                                   "--data", str(omniglot_root), "--out", str(tmp_path), "--algos", "sign",
-                                  "--steps", "3"]
+                                  "--steps", "3"] + (["--meta_grad_clip", "0.01"] if stage == 1 else [])
     # No ACCELERATE_USE_CPU: with it Accelerate would quietly run DDP instead of DeepSpeed (the engine refuses).
     result = run(command, child_env(cpu_ddp=False), timeout=400)
     assert result.returncode == 0, result.stdout[-6000:]

@@ -19,7 +19,8 @@ gradient summed over ranks, and the meta-loss through the unwrapped module: no a
 refusal of a meta-batch that does not split evenly, plus --meta_grad_clip: the ranks clip the averaged
 meta-gradient as one process clips the whole batch's (clipping each rank's own share first would differ).
 DeepSpeed (--zero_stage 1|2): one algorithm (one model per DeepSpeed engine); the reference steps are torch DDP
-steps in the same processes, so the check is "ZeRO matches DDP" (and DDP matches one process, checked as well).
+steps in the same processes, so the check is "ZeRO matches DDP" (and DDP matches one process, checked as well);
+with --meta_grad_clip, DeepSpeed's own clipping against the same clipping in torch DDP and in one process.
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ def one_process_step(module, batch, lr: float, max_norm: float = 0.0) -> torch.T
 class TorchDDPStep:
     """One torch-DDP step from given parameters, in the processes of the run (the DeepSpeed comparison's side)."""
 
-    def __init__(self, learner, rank: int, world: int, lr: float):
+    def __init__(self, learner, rank: int, world: int, lr: float, max_norm: float = 0.0):
         self.ddp = DistributedDataParallel(copy.deepcopy(learner), broadcast_buffers=False)
         self.optimizer = torch.optim.SGD(self.ddp.parameters(), lr=lr)
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.max_norm = rank, world, max_norm
 
     def __call__(self, module, batch, lr: float) -> torch.Tensor:
         self.ddp.module.load_state_dict(module.state_dict())
         self.ddp(*share(batch, self.rank, self.world)).loss.backward()
+        if self.max_norm:
+            torch.nn.utils.clip_grad_norm_(list(self.ddp.parameters()), self.max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return flat_parameters(self.ddp.module)
@@ -73,10 +76,10 @@ class TorchDDPStep:
 
 def train_torch_ddp(initial, batches, lr: float, ddp_step: TorchDDPStep):
     """k torch-DDP steps from `initial` (the DeepSpeed run's end-to-end partner), and the worst per-step difference
-    from one process."""
+    from one process (clipped as the DDP step clips)."""
     module, worst = copy.deepcopy(initial), 0.0
     for batch in batches:
-        expected = one_process_step(module, batch, lr)
+        expected = one_process_step(module, batch, lr, ddp_step.max_norm)
         worst = max(worst, max_difference(ddp_step(module, batch, lr), expected))
         module.load_state_dict(ddp_step.ddp.module.state_dict())
     return module, worst
@@ -118,8 +121,12 @@ def check_algorithm(engine: Engine, algo: str, batches, lr: float) -> dict:
     name = f"ZeRO-{engine.zero_stage}" if engine.zero_stage else "DDP"
     result = {"moved": moved, "end_tolerance": end_tolerance}
 
-    if engine.zero_stage:  # DeepSpeed vs torch DDP, step by step and end to end
-        ddp_step = TorchDDPStep(initial, engine.rank, engine.world_size, lr)
+    if engine.zero_stage:  # DeepSpeed vs torch DDP, step by step and end to end, clipped alike (--meta_grad_clip)
+        if engine.meta_grad_clip:
+            bites = max_difference(one_process_step(initial, batches[0], lr, engine.meta_grad_clip),
+                                   one_process_step(initial, batches[0], lr))
+            assert bites > BROKEN_MINIMUM, f"{algo}: clipping at {engine.meta_grad_clip} hardly changed a step"
+        ddp_step = TorchDDPStep(initial, engine.rank, engine.world_size, lr, engine.meta_grad_clip)
         ddp_run, ddp_vs_one = train_torch_ddp(initial, batches, lr, ddp_step)
         trained, step_error = train_through_engine(engine, initial, batches, lr, ddp_step)
         end_error = max_difference(flat_parameters(trained), flat_parameters(ddp_run))
@@ -157,10 +164,11 @@ def main():
     parser.add_argument("--meta_batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--meta_grad_clip", type=float, default=0.0, help="DeepSpeed runs: clip as the trainer would")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    engine = Engine(args.out, seed=0, log_with=None, zero_stage=args.zero_stage)
+    engine = Engine(args.out, seed=0, log_with=None, zero_stage=args.zero_stage, meta_grad_clip=args.meta_grad_clip)
     assert engine.world_size > 1, f"launch under several processes, got world size {engine.world_size}"
     batches = global_batches(args.data, args.meta_batch, args.steps, seed=0)
     results = {"world_size": engine.world_size, "zero_stage": engine.zero_stage, "steps": args.steps}
