@@ -21,7 +21,7 @@ from bench.common import REFERENCE_WORK
 from bench.protocol import PROTOCOL_JSON
 from dist_signmaml.artifacts import RESULTS_JSON
 from dist_signmaml.metatest import selected_score
-from dist_signmaml.monitor import COLLAPSE_POINTS
+from dist_signmaml.monitor import COLLAPSE_POINTS, points_under
 
 PLATEAU_SHARE = 0.2  # validation has plateaued when the last 20% of steps raised the best accuracy by
 PLATEAU_POINTS = 0.5  # less than this many points
@@ -94,8 +94,8 @@ def plateau_gain(history: list[dict], steps: int) -> float:
 
 def final_drop(history: list[dict]) -> float:
     """Points the last validation lies under the run's best (each ranked as its run ranked it)."""
-    scores = [selected_score(h)["accuracy"] for h in history]
-    return 100 * (max(scores) - scores[-1])
+    best = max(history, key=lambda h: selected_score(h)["accuracy"])
+    return points_under(best, history[-1])
 
 
 def plateau_cell(gain: float, drop: float) -> str:

@@ -295,7 +295,7 @@ class Validator:
             self.engine.export(learner, self.best_path, self.export_metadata | {"step": step, "val": result})
         self.engine.print0(f"step {step}: val {describe(result)} over {result['episodes']} episodes"
                            + (" (best so far)" if improved else f" (best {describe(self.best)} at step {self.best['step']})"))
-        under_best = 100 * (selected_score(self.best)["accuracy"] - selected_score(result)["accuracy"])
+        under_best = points_under(self.best, result)
         if under_best >= COLLAPSE_POINTS:
             self.engine.print0(f"warning: step {step}: validation lies {under_best:.2f} points under its best (step "
                                f"{self.best['step']}): training may be falling apart. The final test scores the best "
@@ -320,6 +320,11 @@ class Validator:
         self.history, self.best = list(state.get("history", [])), state.get("best")
         if self.best is not None and self.best_path.is_file():
             self._best_weights = load_learner_weights(self.best_path)
+
+
+def points_under(best: dict, result: dict) -> float:
+    """How many points validation `result` lies under `best`, each scored as the run ranks validations."""
+    return 100 * (selected_score(best)["accuracy"] - selected_score(result)["accuracy"])
 
 
 def percent(result: dict) -> str:

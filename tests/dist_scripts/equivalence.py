@@ -56,6 +56,12 @@ def one_process_step(module, batch, lr: float, max_norm: float = 0.0) -> torch.T
     return flat_parameters(module)
 
 
+def assert_clipping_changes_a_step(algo: str, module, batch, lr: float, max_norm: float) -> None:
+    """A clipped step that equals the unclipped one would make the clipped comparison void."""
+    bites = max_difference(one_process_step(module, batch, lr, max_norm), one_process_step(module, batch, lr))
+    assert bites > BROKEN_MINIMUM, f"{algo}: clipping at {max_norm} hardly changed a step ({bites:.2e})"
+
+
 class TorchDDPStep:
     """One torch-DDP step from given parameters, in the processes of the run (the DeepSpeed comparison's side)."""
 
@@ -123,9 +129,7 @@ def check_algorithm(engine: Engine, algo: str, batches, lr: float) -> dict:
 
     if engine.zero_stage:  # DeepSpeed vs torch DDP, step by step and end to end, clipped alike (--meta_grad_clip)
         if engine.meta_grad_clip:
-            bites = max_difference(one_process_step(initial, batches[0], lr, engine.meta_grad_clip),
-                                   one_process_step(initial, batches[0], lr))
-            assert bites > BROKEN_MINIMUM, f"{algo}: clipping at {engine.meta_grad_clip} hardly changed a step"
+            assert_clipping_changes_a_step(algo, initial, batches[0], lr, engine.meta_grad_clip)
         ddp_step = TorchDDPStep(initial, engine.rank, engine.world_size, lr, engine.meta_grad_clip)
         ddp_run, ddp_vs_one = train_torch_ddp(initial, batches, lr, ddp_step)
         trained, step_error = train_through_engine(engine, initial, batches, lr, ddp_step)
@@ -139,11 +143,10 @@ def check_algorithm(engine: Engine, algo: str, batches, lr: float) -> dict:
             _, broken = train_through_engine(engine, initial, batches[:1], lr, **options)
             assert broken > BROKEN_MINIMUM, f"{algo}: a {bug} gradient went unnoticed (step difference {broken:.2e})"
             result[f"broken_{bug}_step_error"] = broken
-        clipped = functools.partial(one_process_step, max_norm=CLIP_NORM)
-        bites = max_difference(clipped(initial, batches[0], lr), one_process_step(initial, batches[0], lr))
-        assert bites > BROKEN_MINIMUM, f"{algo}: clipping at {CLIP_NORM} hardly changed a step ({bites:.2e})"
+        assert_clipping_changes_a_step(algo, initial, batches[0], lr, CLIP_NORM)
         engine.meta_grad_clip = CLIP_NORM
-        _, result["clipped_step_error"] = train_through_engine(engine, initial, batches, lr, clipped)
+        _, result["clipped_step_error"] = train_through_engine(
+            engine, initial, batches, lr, functools.partial(one_process_step, max_norm=CLIP_NORM))
         engine.meta_grad_clip = 0.0
     spread = spread_over_ranks(engine, flat_parameters(trained))
     assert spread == 0.0, f"{algo}: {name} ranks disagree by {spread:.3e}"
