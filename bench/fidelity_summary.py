@@ -235,6 +235,7 @@ def goals(rows: list[dict], every_budget: list[dict] | None = None) -> list[str]
     lines = []
     for setting, steps in dict.fromkeys((r["setting"], r["steps"]) for r in rows):
         group = [r for r in rows if r["setting"] == setting and r["steps"] == steps]
+        earlier = [r for r in every_budget if r["setting"] == setting and r["steps"] <= steps]
         head = f"{setting}, {steps} meta-steps"
         if setting in EASY_SETTING_ACCURACY:
             floor = EASY_SETTING_ACCURACY[setting]
@@ -242,15 +243,28 @@ def goals(rows: list[dict], every_budget: list[dict] | None = None) -> list[str]
                 lines.append(f"- {head}: {label(r)} {100 * r['test_chosen_mean']:.2f}% vs the goal "
                              f"≥ {100 * floor:.0f}%: {verdict(at_least(r['test_chosen_mean'], floor))}")
         else:
-            earlier = [r for r in every_budget if r["setting"] == setting and r["steps"] <= steps]
             lines += method_goals(head, group, earlier)
             for m in sorted({r["inner_steps"] for r in group}):
                 same_m = [r for r in group if r["inner_steps"] == m]
                 if len({r["algo"] for r in same_m}) > 1 and len({r["inner_steps"] for r in group}) > 1:
                     lines += method_goals(f"{head}, m={m} only", same_m,
                                           [r for r in earlier if r["inner_steps"] == m])
-        lines += rule_goals(head, group) + learned_goal(head, group) + time_to_target_lines(head, group)
+        lines += rule_goals(head, group) + learned_goal(head, group, earlier) + time_to_target_lines(head, group)
     return lines
+
+
+def last_met(earlier: list[dict], steps: int, *pickers) -> tuple[list[dict], str] | None:
+    """The rows of the longest budget in `earlier` (at most `steps`) where every picker (rows -> a row or None)
+    finds its row, with the words that say where that is; None where they never met. A table of each run at its
+    longest budget leaves a run that stopped early apart from one that went on, and this finds where they last
+    met."""
+    for budget in sorted({r["steps"] for r in earlier}, reverse=True):
+        there = [r for r in earlier if r["steps"] == budget]
+        if all(pick(there) for pick in pickers):
+            return there, (f"its runs went on further; among every run that reached {budget} meta-steps"
+                           if budget == steps
+                           else f"at {budget} meta-steps, the longest budget both reached (every run that reached it)")
+    return None
 
 
 def method_goals(head: str, group: list[dict], earlier: list[dict] = ()) -> list[str]:
@@ -266,16 +280,12 @@ def method_goals(head: str, group: list[dict], earlier: list[dict] = ()) -> list
         if other:
             lines.append(f"- {head}: {versus(sign, other)}")
             continue
-        met = [steps for steps in sorted({r["steps"] for r in earlier}, reverse=True)
-               if best_of([r for r in earlier if r["steps"] == steps], algo)
-               and best_of([r for r in earlier if r["steps"] == steps], "sign")]
+        met = last_met(earlier, sign["steps"], lambda there: best_of(there, "sign"),
+                       lambda there, algo=algo: best_of(there, algo))
         if not met:
             lines.append(f"- {head}: sign vs {algo}: {algo} not run yet")
             continue
-        there = [r for r in earlier if r["steps"] == met[0]]
-        where = (f"its runs went on further; among every run that reached {met[0]} meta-steps"
-                 if met[0] == sign["steps"]
-                 else f"at {met[0]} meta-steps, the longest budget both reached (every run that reached it)")
+        there, where = met
         lines.append(f"- {head}: no {algo} row here, {where}: "
                      f"{versus(best_of(there, 'sign'), best_of(there, algo))}")
     return lines
@@ -322,20 +332,29 @@ def rule_goals(head: str, group: list[dict]) -> list[str]:
     return lines
 
 
-def learned_goal(head: str, group: list[dict]) -> list[str]:
+def learned_goal(head: str, group: list[dict], earlier: list[dict] = ()) -> list[str]:
     """Learned step sizes from the default beta, with no sweep, within 1 point of the grid's fixed beta, each
     compared with the fixed-beta run of the same m and loss (against a fixed m = 1 run, a learned m = 5 run would
-    credit the sizes with what the extra inner steps gave)."""
-    signs = [r for r in group if r["algo"] == "sign"]
+    credit the sizes with what the extra inner steps gave). Where `group` holds only one of the two, they are
+    compared at the longest budget in `earlier` (rows of the same setting at this budget or shorter, from every
+    record) that both reached."""
     lines = []
-    for m, multi_step in dict.fromkeys((r["inner_steps"], r["multi_step_loss"]) for r in signs):
-        alike = [r for r in signs if (r["inner_steps"], r["multi_step_loss"]) == (m, multi_step)]
-        learned, fixed = best_of(alike, "sign", learned=True), best_of(alike, "sign", learned=False)
-        if learned and fixed:
-            gap = 100 * (learned["test_chosen_mean"] - fixed["test_chosen_mean"])
-            lines.append(f"- {head}: learned step sizes from the default β, {label(learned)}, minus fixed β "
-                         f"{'/'.join(f'{b:g}' for b in fixed['betas'])}, {label(fixed)}: {gap:+.2f} points (goal "
-                         f"≥ −{LEARNED_VS_GRID_POINTS:g}: {verdict(at_least(gap, -LEARNED_VS_GRID_POINTS))})")
+    for m, multi_step in dict.fromkeys((r["inner_steps"], r["multi_step_loss"]) for r in group if r["algo"] == "sign"):
+        def pick(rows, learned, m=m, multi_step=multi_step):
+            return best_of([r for r in rows if (r["inner_steps"], r["multi_step_loss"]) == (m, multi_step)], "sign",
+                           learned=learned)
+        learned, fixed, where = pick(group, True), pick(group, False), ""
+        if not (learned and fixed):
+            met = last_met(earlier, group[0]["steps"], lambda rows: pick(rows, True), lambda rows: pick(rows, False))
+            if not met:
+                continue
+            there, words = met
+            where = f"no {'learned' if fixed else 'fixed-β'} row here, {words}: "
+            learned, fixed = pick(there, True), pick(there, False)
+        gap = 100 * (learned["test_chosen_mean"] - fixed["test_chosen_mean"])
+        lines.append(f"- {head}: {where}learned step sizes from the default β, {label(learned)}, minus fixed β "
+                     f"{'/'.join(f'{b:g}' for b in fixed['betas'])}, {label(fixed)}: {gap:+.2f} points (goal "
+                     f"≥ −{LEARNED_VS_GRID_POINTS:g}: {verdict(at_least(gap, -LEARNED_VS_GRID_POINTS))})")
     return lines
 
 

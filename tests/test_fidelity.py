@@ -253,10 +253,17 @@ def test_a_method_left_at_a_shorter_budget_is_compared_where_both_methods_last_m
            "meta-steps: best sign, sign-lsl (m=1, 2 seed(s)), minus best fo, fo-b0.1 (m=1, 1 seed(s)): +3.00 points" \
            in table
     assert "20w1s, 100 meta-steps: best sign, sign-b0.005 (m=1, 1 seed(s)), minus best maml" in table
+    # the learned sizes against the fixed β, both ways round, where the two last met: it used to be left out
+    assert "20w1s, 200 meta-steps: no fixed-β row here, at 100 meta-steps, the longest budget both reached (every " \
+           "run that reached it): learned step sizes from the default β, sign-lsl (m=1, 2 seed(s)), minus fixed β " \
+           "0.005, sign-b0.005 (m=1, 1 seed(s)): +2.00 points (goal ≥ −1: met)" in table
+    assert "20w1s, 100 meta-steps: no learned row here, its runs went on further; among every run that reached 100 " \
+           "meta-steps: learned step sizes from the default β, sign-lsl (m=1, 2 seed(s)), minus fixed β 0.005" in table
     alone = tmp_path / "alone"
     write_record(alone, "20w1s_m1_sign-lsl_s0", record(0, 0.86, 0.7))
     summarize(str(alone))
     assert "20w1s, 100 meta-steps: sign vs maml: maml not run yet" in (alone / "fidelity.md").read_text()
+    assert "learned step sizes from the default β" not in (alone / "fidelity.md").read_text(), "no fixed β to meet"
 
 
 def test_a_summary_of_several_records_needs_out_and_existing_folders(tmp_path):
