@@ -141,7 +141,8 @@ def run_sequentially(betas: list[float], algo: str, algo_dir: Path, launcher: st
             finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
         if finished.returncode != 0 or not (run_dir / RESULTS_JSON).is_file():
             raise SweepError(f"run {run_dir} failed (exit {finished.returncode}); see {log_file}")
-        best = json.loads((run_dir / RESULTS_JSON).read_text()).get("best_val") or {}
+        # the score the search ranks by (the best step count, under --val_select any_steps), not the raw one
+        best = selected_score(json.loads((run_dir / RESULTS_JSON).read_text()).get("best_val") or {})
         tqdm.write(f"  {algo} beta={beta:g}: best val {100 * best.get('accuracy', float('nan')):.2f} ± "
                    f"{100 * best.get('ci95', float('nan')):.2f}% in {time.monotonic() - started:.0f} s")
 

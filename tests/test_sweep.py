@@ -6,10 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from dist_signmaml.sweep import PAPER_GRIDS, main, plan, sweep
+from dist_signmaml.sweep import PAPER_GRIDS, main, plan, run_sequentially, sweep
 
 
 def search(grid, accuracy_of, max_extensions=5):
@@ -48,6 +49,22 @@ def test_lower_edge_stays_positive_and_extensions_are_bounded():
     assert result["status"] == "edge" and len(order) == 1 + 5, "max_extensions=5 rounds, then report the edge"
     capped, capped_order = search(PAPER_GRIDS["sign"], lambda b: -b, max_extensions=0)
     assert capped_order == [list(PAPER_GRIDS["sign"])] and capped["status"] == "edge" and capped["best"] == 0.0035
+
+
+def test_the_log_line_per_run_prints_the_score_the_search_ranks_by(tmp_path, capsys, monkeypatch):
+    """Under --val_select any_steps a run ranks by its best step count; the log line printed the raw score (the
+    10-step one) instead, so a sweep log read 68.65% for the beta the search chose with 82.30%."""
+    def fake_train(command, stdout, stderr):
+        out = Path(next(arg.split("=", 1)[1] for arg in command if arg.startswith("--out=")))
+        best_val = {"step": 40, "accuracy": 0.6865, "ci95": 0.02, "best_steps": {"accuracy": 0.823, "ci95": 0.0173}}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"best_val": best_val}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_train)
+    run_sequentially([0.015], "sign", tmp_path / "sign", "python", {})
+    line = [text for text in capsys.readouterr().out.splitlines() if "best val" in text]
+    assert len(line) == 1 and "best val 82.30 ± 1.73%" in line[0], line
 
 
 def test_slurm_mode_writes_a_job_array_that_runs_each_beta(tmp_path, omniglot_root):
