@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_signmaml.artifacts import RESULTS_JSON
 from dist_signmaml.sweep import PAPER_GRIDS, main, plan, run_sequentially, sweep
 
 
@@ -58,7 +59,7 @@ def test_the_log_line_per_run_prints_the_score_the_search_ranks_by(tmp_path, cap
         out = Path(next(arg.split("=", 1)[1] for arg in command if arg.startswith("--out=")))
         best_val = {"step": 40, "accuracy": 0.6865, "ci95": 0.02, "best_steps": {"accuracy": 0.823, "ci95": 0.0173}}
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"best_val": best_val}))
+        (out / RESULTS_JSON).write_text(json.dumps({"best_val": best_val}))
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(subprocess, "run", fake_train)
