@@ -4,6 +4,7 @@ finished run's files committed under bench/results/fidelity/ so the grid can be 
     python -m bench.fidelity run --plan 20w1s:m1:sign-lsl:s0,20w1s:m1:fo:s0      # train + score, in this order
     python -m bench.fidelity summary                                          # table and plots from the results
     python -m bench.fidelity park                # unfinished runs' newest checkpoints into the record, to commit
+    taskset -c 0,1 python -m bench.fidelity run --plan 20w1s:m5:sign:s0 --grid_jobs 2   # grid runs 2 at once
 
 A run is SETTING:mM:VARIANT:sSEED. Variants: a method (sign | fo | maml | signum), optionally with
   -lsl  learned inner step sizes per tensor and inner step (--learn_inner_lr layer_step), no beta grid: beta starts
@@ -92,12 +93,14 @@ def run_options(run: dict, eval_episodes: int, started: Path | None = None) -> d
             "multi_step_loss": variant["multi_step_loss"], "val_select": val_select}
 
 
-def beta_for(run: dict, steps: int, work: Path, common: dict, env: dict) -> tuple[float, list[dict]]:
-    """beta for a run: given by hand (-b), the method's default (learned step sizes start there), or the grid's."""
+def beta_for(run: dict, steps: int, work: Path, common: dict, env: dict,
+             grid_jobs: int = 1) -> tuple[float, list[dict]]:
+    """beta for a run: given by hand (-b), the method's default (learned step sizes start there), or the grid's
+    (`grid_jobs` of its runs at once)."""
     if run["beta"] is not None or run["learned"]:
         return run["beta"] or DEFAULT_INNER_LR[run["algo"]], []
     beta = choose_beta(work, run["algo"], grid_for(run["algo"], list(GRID_SCALES)), grid_steps_for(steps), common,
-                       shlex.quote(sys.executable), env)
+                       shlex.quote(sys.executable), env, grid_jobs)
     sweep = json.loads((work / f"beta_{run['algo']}" / "sweep.json").read_text())
     return beta, [{"beta": r["beta"], "best_val": r["val_accuracy"]} for r in sweep["runs"]]
 
@@ -241,12 +244,19 @@ def unpark(run_dir: Path, parked: Path) -> None:
 
 def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str = str(RESULTS),
              val_episodes: int = 300, test_episodes: int = 1000, eval_episodes: int = 100, beside: str = "",
-             extend: str = "") -> None:
+             extend: str = "", grid_jobs: int = 1) -> None:
     """Train and score the runs of `plan` in order; each finished run's record goes to `record` (committed).
     `beside`: what ran on the other cores meanwhile (e.g. the other plan of a side-by-side pair), recorded with the
     run because seconds per meta-step depend on it. `extend`: a record of the same runs at fewer steps; each run
     goes on from that run's final state (its `resumable` copy) instead of from step 0, which with a constant outer
-    rate trains exactly what a run started at `steps` would (only its validations up to there are more frequent)."""
+    rate trains exactly what a run started at `steps` would (only its validations up to there are more frequent).
+    `grid_jobs`: a beta grid's runs at once, each pinned to its own share of the cores the plan was given (run it
+    under `taskset -c 0,1` for two); the full run and its test, whose times are recorded, then run on the first of
+    those cores alone, like every other run here."""
+    cores = sorted(os.sched_getaffinity(0))
+    if not isinstance(grid_jobs, int) or isinstance(grid_jobs, bool) or not 1 <= grid_jobs <= len(cores):
+        raise FidelityError(f"--grid_jobs={grid_jobs!r} is invalid: expected a positive integer up to the "
+                            f"{len(cores)} cores this plan may use (give it more with taskset -c)")
     parsed = [parse_run(spec) for spec in str(plan).split(",") if spec.strip()]
     runs = [(run, Path(record) / run["name"], steps or STEPS[run["setting"]]) for run in parsed]
     for run, record_dir, full_steps in runs:  # before any work: a finished record is only "done" at its own budget
@@ -263,7 +273,11 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
         unpark(run_dir, parked)
         load_before = machine_load()
         common = run_options(run, eval_episodes, started=run_dir / "final")
-        beta, grid = beta_for(run, full_steps, run_dir, common, THREAD_ENV)
+        if grid_jobs > 1:
+            os.sched_setaffinity(0, cores)  # the grid's runs share out every core of the plan
+        beta, grid = beta_for(run, full_steps, run_dir, common, THREAD_ENV, grid_jobs)
+        if grid_jobs > 1:
+            os.sched_setaffinity(0, cores[:1])
         print(f"{run['name']}: beta {beta:g}, training {full_steps} steps in {run_dir}", flush=True)
         train_final(run_dir / "final", run["algo"], beta, full_steps, VALIDATIONS, common, shlex.quote(sys.executable),
                     THREAD_ENV)

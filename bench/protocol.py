@@ -26,7 +26,7 @@ from dist_signmaml.data import EpisodeShape, fixed_episodes
 from dist_signmaml.artifacts import load_learner_weights, read_metadata
 from dist_signmaml.cli import unknown_options
 from dist_signmaml.evaluate import weights_file
-from dist_signmaml.metatest import EVALUATION_SEED, STEP_COUNTS, confidence_interval
+from dist_signmaml.metatest import EVALUATION_SEED, STEP_COUNTS, confidence_interval, ranked
 
 PROTOCOL_JSON = "protocol.json"
 LR_SCALES = (0.5, 1.0, 2.0)  # test-time multipliers of the (fixed or learned) betas
@@ -67,7 +67,7 @@ def grid_scores(curves: dict[float, torch.Tensor], steps=STEP_COUNTS) -> list[di
 
 def choose_cell(validation: list[dict]) -> dict:
     """The best validation cell; ties go to fewer steps, then to the scale closest to 1 (the cheaper, plainer one)."""
-    return max(validation, key=lambda c: (round(c["accuracy"], 12), -c["inner_steps"], -abs(c["lr_scale"] - 1)))
+    return max(validation, key=lambda c: (ranked(c["accuracy"]), -c["inner_steps"], -abs(c["lr_scale"] - 1)))
 
 
 def cell(cells: list[dict], inner_steps: int, lr_scale: float) -> dict:

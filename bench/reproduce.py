@@ -31,6 +31,8 @@ Options (any other --flag is a training option passed to every run, e.g. --backb
                         5w1s, 2000 otherwise; images: 20000)
     --grid_steps        meta-steps of each beta-grid run (default 25% of the final run's)
     --grid_scales       the grid is the method's default beta times these (default 0.5,1,2)
+    --grid_jobs         grid runs at once, each on its own share of this process's CPUs and GPUs (default 1; the
+                        sweep's --jobs)
     --queries           query images per class while training and validating (default 1, as in the paper's code)
     --test_queries      query images per class of the test episodes (default: --queries; the query set is also a
                         BatchNorm batch, so testing with another size than trained shifts the statistics: measured
@@ -119,12 +121,14 @@ def run_logged(command: list[str], log: Path, env: dict, what: str) -> None:
 
 
 def choose_beta(setting_dir: Path, algo: str, grid: list[float], grid_steps: int, common: dict, launcher: str,
-                env: dict) -> float:
-    """Stage 1: the sweep (resumable: it skips grid runs that finished) -> the best beta by validation accuracy."""
+                env: dict, jobs: int = 1) -> float:
+    """Stage 1: the sweep (resumable: it skips grid runs that finished) -> the best beta by validation accuracy.
+    `jobs`: grid runs at once, each on its own share of the CPUs (and GPUs) this process may use."""
     sweep_dir = setting_dir / f"beta_{algo}"
     command = [sys.executable, "-m", "dist_signmaml.sweep", f"--algos={algo}", f"--grid={','.join(map(str, grid))}",
                f"--out={sweep_dir}", f"--launcher={launcher}", "--max_extensions=2", f"--steps={grid_steps}",
                f"--eval_every={grid_steps}", "--test_episodes=0"] + [f"--{k}={v}" for k, v in sorted(common.items())]
+    command += [f"--jobs={jobs}"] if jobs > 1 else []
     run_logged(command, sweep_dir / "sweep.log", env, f"beta grid of {algo} in {sweep_dir}")
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     return float(summary["best"][algo])
@@ -335,7 +339,7 @@ def plot_sign_vs_fo(rows: list[dict], path: Path) -> None:
 
 
 def reproduce(preset: str, *, out: str = "", data: str = "", algos="sign,fo,maml", settings="", ways="2,5,7,10",
-              shots="1,2,3,4,5", steps="", grid_steps: int = 0, grid_scales=GRID_SCALES,
+              shots="1,2,3,4,5", steps="", grid_steps: int = 0, grid_scales=GRID_SCALES, grid_jobs: int = 1,
               queries: int = 1, test_queries: int = 0, test_episodes: int = 1000, val_episodes: int = 300,
               test_inner_steps: int = 10, eval_episodes: int = 100,
               evals: int = 5, threads: int = 1, launcher: str = "", seed: int = 0, **train_options) -> list[dict]:
@@ -372,7 +376,8 @@ def reproduce(preset: str, *, out: str = "", data: str = "", algos="sign,fo,maml
     test_queries = test_queries or queries
     for flag, value in (("queries", queries), ("test_queries", test_queries), ("test_episodes", test_episodes),
                         ("val_episodes", val_episodes), ("test_inner_steps", test_inner_steps),
-                        ("eval_episodes", eval_episodes), ("evals", evals), ("threads", threads)):
+                        ("eval_episodes", eval_episodes), ("evals", evals), ("threads", threads),
+                        ("grid_jobs", grid_jobs)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ReproduceError(f"--{flag}={value!r} is invalid: expected a positive integer")
     if grid_steps and (not isinstance(grid_steps, int) or isinstance(grid_steps, bool) or grid_steps < 1):
@@ -394,7 +399,7 @@ def reproduce(preset: str, *, out: str = "", data: str = "", algos="sign,fo,maml
         setting_dir = out_dir / setting_name(w, s)
         for algo in methods:
             beta = choose_beta(setting_dir, algo, grid_for(algo, scales), grid_steps or grid_steps_for(final_steps),
-                               common, launcher, env)
+                               common, launcher, env, grid_jobs)
             print(f"{setting_name(w, s)} {algo}: beta {beta:g} by validation; training {final_steps} steps", flush=True)
             train_final(setting_dir / algo, algo, beta, final_steps, evals, common, launcher, env)
             result = test_final(setting_dir / algo, val_episodes, test_episodes, test_queries, env, data)

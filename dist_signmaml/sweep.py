@@ -8,6 +8,7 @@ next round or the summary.
 
     python -m dist_signmaml.sweep --algos sign,fo --steps 300 --out runs/sweep
     python -m dist_signmaml.sweep --algos sign --grid 0.003,0.005,0.008 --launcher "accelerate launch --num_processes 2"
+    python -m dist_signmaml.sweep --algos sign --jobs 8          # 8 runs at once: one GPU and 1/8 of the CPUs each
     python -m dist_signmaml.sweep --algos sign --slurm --sbatch "--gres=gpu:1 --time=04:00:00"   # then sbatch ...
 
 Options (every other option is a training option, passed to each run: `python -m dist_signmaml.train --help`):
@@ -16,6 +17,10 @@ Options (every other option is a training option, passed to each run: `python -m
     --out             sweep directory; run i of method M goes to OUT/M/beta_<value> (default runs/sweep)
     --launcher        how a run starts a module (default: this python; e.g. "accelerate launch --num_processes 2")
     --max_extensions  rounds of two more betas past an edge before giving up (default 5)
+    --jobs            runs at once on this machine (default 1). Each gets its own share: this process's CPUs split
+                      into JOBS contiguous slices (pinned, OMP_NUM_THREADS = the slice's size unless set), and the
+                      visible GPUs split likewise (CUDA_VISIBLE_DEVICES); the shares stay fixed for the whole sweep,
+                      so every run's seconds per meta-iteration are measured on the same resources
     --slurm           write a SLURM job array per round instead of running (re-run the command to continue)
     --submit          with --slurm: submit with `sbatch --wait` and continue until done
     --sbatch          extra #SBATCH options, e.g. "--gres=gpu:1 --time=04:00:00"
@@ -26,10 +31,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import queue
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
 
 import fire
@@ -37,7 +47,7 @@ from tqdm import tqdm
 
 from dist_signmaml.artifacts import RESULTS_JSON, TRAIN_LOG
 from dist_signmaml.config import ALGORITHM_FACTS, PAPER_GRIDS, ConfigError, TrainConfig
-from dist_signmaml.metatest import selected_score
+from dist_signmaml.metatest import ranked, selected_score
 
 ALGORITHMS = tuple(ALGORITHM_FACTS)
 
@@ -58,8 +68,9 @@ def run_name(beta: float) -> str:
 
 
 def best_beta(accuracy: dict[float, float], tried: list[float]) -> float:
-    """The tried beta with the highest validation accuracy (ties: the smaller beta)."""
-    return max(sorted(tried), key=lambda beta: (accuracy[beta], -beta))
+    """The tried beta with the highest validation accuracy (ties: the smaller beta; equal accuracies are the same
+    number of correct queries, told apart by float32 rounding alone: `ranked`)."""
+    return max(sorted(tried), key=lambda beta: (ranked(accuracy[beta]), -beta))
 
 
 def beyond_edge(tried: list[float], edge: float) -> list[float]:
@@ -122,29 +133,121 @@ def train_command(launcher: str, train_options: dict, algo: str) -> list[str]:
     return shlex.split(launcher) + ["-m", "dist_signmaml.train", *flags, f"--algo={algo}"]
 
 
-def run_sequentially(betas: list[float], algo: str, algo_dir: Path, launcher: str, train_options: dict,
-                     finished_before: int = 0, planned: int = 0) -> None:
-    """Train `betas` one after another; each run's output goes to OUT/ALGO/beta_<value>/train.log, and a line per
-    run says where, and how far the whole sweep is (`finished_before` of `planned` runs known so far)."""
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity, e.g. under taskset or a SLURM allocation)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs runs may use: CUDA_VISIBLE_DEVICES where it is set (indices or UUIDs), else every device torch sees."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [device.strip() for device in listed.split(",") if device.strip()]
+    import torch  # only here: a sweep of one run at a time never needs it
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def placements(jobs: int, cpus: list[int], gpus: list[str]) -> list[dict]:
+    """Disjoint shares for `jobs` runs at once: `cpus` in `jobs` contiguous slices (the first ones one larger where
+    they do not divide evenly), and `gpus` likewise when there are any. Contiguous, so that a slice stays on one
+    socket or core complex where the numbering follows the hardware."""
+    if jobs > len(cpus):
+        raise SweepError(f"--jobs={jobs} is more than the {len(cpus)} CPUs this sweep may use; expected at most "
+                         f"{len(cpus)}")
+    if gpus and jobs > len(gpus):
+        raise SweepError(f"--jobs={jobs} is more than the {len(gpus)} visible GPUs ({','.join(gpus)}); expected at "
+                         f"most {len(gpus)}, one or more GPUs per run")
+
+    def split(items: list) -> list[list]:
+        size, larger = divmod(len(items), jobs)
+        bounds = [slot * size + min(slot, larger) for slot in range(jobs + 1)]
+        return [items[bounds[slot]:bounds[slot + 1]] for slot in range(jobs)]
+
+    gpu_slices = split(gpus) if gpus else [[] for _ in range(jobs)]
+    return [{"cpus": cpu_slice, "gpus": gpu_slice} for cpu_slice, gpu_slice in zip(split(cpus), gpu_slices)]
+
+
+def placement_options(share: dict) -> dict:
+    """subprocess options that confine a run (and the processes its launcher starts) to its share; {} for none."""
+    if not share:
+        return {}
+    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(len(share["cpus"])))}
+    if share["gpus"]:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(share["gpus"])
+    options = {"env": env}
+    if hasattr(os, "sched_setaffinity"):
+        options["preexec_fn"] = partial(os.sched_setaffinity, 0, share["cpus"])
+    return options
+
+
+def describe(share: dict) -> str:
+    if not share:
+        return ""
+    gpus = f", GPU {','.join(share['gpus'])}" if share["gpus"] else ""
+    return f" on CPUs {','.join(map(str, share['cpus']))}{gpus}"
+
+
+def train_one(beta: float, algo: str, algo_dir: Path, launcher: str, train_options: dict, share: dict,
+              number: int, planned: int) -> str | None:
+    """One run of the grid into OUT/ALGO/beta_<value>, with its output in its train.log; returns why it failed, or
+    None. `number` of `planned`: where the run stands among the runs known so far, for the line it prints."""
+    run_dir = algo_dir / run_name(beta)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_file = run_dir / TRAIN_LOG
+    tqdm.write(f"sweep run {number} of {planned} planned so far: {algo} beta={beta:g}{describe(share)}, "
+               f"log {log_file} (tail -f to follow)")
+    # --resume: a run killed in an earlier sweep continues from its checkpoint (a fresh one starts at step 0)
+    command = train_command(launcher, train_options, algo) + [f"--inner_lr={beta:g}", f"--out={run_dir}", "--resume"]
+    started = time.monotonic()
+    with open(log_file, "a") as log:
+        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, **placement_options(share))
+    if finished.returncode != 0 or not (run_dir / RESULTS_JSON).is_file():
+        return f"run {run_dir} failed (exit {finished.returncode}); see {log_file}"
+    # the score the search ranks by (the best step count, under --val_select any_steps), not the raw one
+    best = selected_score(json.loads((run_dir / RESULTS_JSON).read_text()).get("best_val") or {})
+    tqdm.write(f"  {algo} beta={beta:g}: best val {100 * best.get('accuracy', float('nan')):.2f} ± "
+               f"{100 * best.get('ci95', float('nan')):.2f}% in {time.monotonic() - started:.0f} s")
+    return None
+
+
+def run_grid(betas: list[float], algo: str, algo_dir: Path, launcher: str, train_options: dict,
+             finished_before: int = 0, planned: int = 0, jobs: int = 1) -> None:
+    """Train `betas`, `jobs` at a time (one after another for 1), each run on a share of the machine that no other
+    run of the sweep uses (`placements`). After a failed run no further run starts, but those already running
+    finish (their results count when the sweep is run again); then the sweep fails, naming the failed run.
+    `finished_before` of `planned`: how far the whole sweep is, for the progress lines."""
     planned = max(planned, finished_before + len(betas))
-    for position, beta in enumerate(tqdm(betas, desc=f"sweep {algo}", unit="run", dynamic_ncols=True)):
-        run_dir = algo_dir / run_name(beta)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log_file = run_dir / TRAIN_LOG
-        tqdm.write(f"sweep run {finished_before + position + 1} of {planned} planned so far: {algo} beta={beta:g}, "
-                   f"log {log_file} (tail -f to follow)")
-        # --resume: a run killed in an earlier sweep continues from its checkpoint (a fresh one starts at step 0)
-        command = train_command(launcher, train_options, algo) + [f"--inner_lr={beta:g}", f"--out={run_dir}",
-                                                                  "--resume"]
-        started = time.monotonic()
-        with open(log_file, "a") as log:
-            finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
-        if finished.returncode != 0 or not (run_dir / RESULTS_JSON).is_file():
-            raise SweepError(f"run {run_dir} failed (exit {finished.returncode}); see {log_file}")
-        # the score the search ranks by (the best step count, under --val_select any_steps), not the raw one
-        best = selected_score(json.loads((run_dir / RESULTS_JSON).read_text()).get("best_val") or {})
-        tqdm.write(f"  {algo} beta={beta:g}: best val {100 * best.get('accuracy', float('nan')):.2f} ± "
-                   f"{100 * best.get('ci95', float('nan')):.2f}% in {time.monotonic() - started:.0f} s")
+    shares = [{}] if jobs == 1 else placements(jobs, allowed_cpus(), visible_gpus())
+    free = queue.SimpleQueue()
+    for share in shares:
+        free.put(share)
+    numbers = iter(range(finished_before + 1, planned + 1))  # in the order the runs start
+    failed, not_started = threading.Event(), []
+
+    def train_on_a_free_share(beta: float) -> str | None:
+        share = free.get()
+        try:
+            if failed.is_set():
+                not_started.append(beta)
+                return None
+            failure = train_one(beta, algo, algo_dir, launcher, train_options, share, next(numbers), planned)
+            if failure:
+                failed.set()
+            return failure
+        finally:
+            free.put(share)
+
+    with tqdm(total=len(betas), desc=f"sweep {algo}", unit="run", dynamic_ncols=True) as progress, \
+            ThreadPoolExecutor(max_workers=min(len(shares), len(betas)) or 1) as pool:
+        runs = [pool.submit(train_on_a_free_share, beta) for beta in betas]
+        for _ in as_completed(runs):
+            progress.update()
+        failures = [failure for failure in (run.result() for run in runs) if failure]  # in the grid's order
+    if failures:
+        more = [f"{len(failures) - 1} more failed"] if len(failures) > 1 else []
+        more += [f"beta {', '.join(f'{beta:g}' for beta in sorted(not_started))} not started"] if not_started else []
+        raise SweepError(failures[0] + (f" ({', '.join(more)})" if more else ""))
 
 
 def write_array_job(betas: list[float], algo: str, algo_dir: Path, launcher: str, train_options: dict,
@@ -207,7 +310,7 @@ def as_list(value, flag: str, convert) -> list:
 
 
 def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "", slurm: bool = False,
-          submit: bool = False, sbatch: str = "", max_extensions: int = 5, **train_options) -> dict:
+          submit: bool = False, sbatch: str = "", max_extensions: int = 5, jobs: int = 1, **train_options) -> dict:
     """Run (or schedule) the search for every method; returns {algo: plan} and writes the summary when done."""
     methods = as_list(algos, "algos", str)
     for algo in methods:
@@ -221,6 +324,12 @@ def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "",
             raise SweepError(f"--grid={grid!r} is invalid: expected positive learning rates")
     if not isinstance(max_extensions, int) or max_extensions < 0:
         raise SweepError(f"--max_extensions={max_extensions!r} is invalid: expected an integer >= 0")
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise SweepError(f"--jobs={jobs!r} is invalid: expected a positive integer (runs at once on this machine)")
+    if jobs > 1 and slurm:
+        raise SweepError(f"--jobs={jobs} applies to runs on this machine; with --slurm each beta is an array task")
+    if jobs > 1:  # before the first run: a share per run must exist
+        placements(jobs, allowed_cpus(), visible_gpus())
     for reserved in ("algo", "inner_lr", "resume"):
         if reserved in train_options:
             raise SweepError(f"--{reserved} is set by the sweep for each run; leave it out")
@@ -246,7 +355,7 @@ def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "",
                 latest[algo] = search
                 finished = sum(len(found) for found in accuracies.values())
                 planned = sum(len(latest[a]["tried"]) if a in latest else len(grids[a]) for a in methods)
-                run_sequentially(search["pending"], algo, algo_dir, launcher, train_options, finished, planned)
+                run_grid(search["pending"], algo, algo_dir, launcher, train_options, finished, planned, jobs)
                 continue
             script = write_array_job(search["pending"], algo, algo_dir, launcher, train_options, sbatch)
             if not submit:

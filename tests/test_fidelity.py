@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -41,6 +42,10 @@ def test_grid_scores_every_cell_from_one_curve_per_scale_and_the_choice_prefers_
     assert cell(cells, *PAPER_CELL)["accuracy"] == pytest.approx(0.8 - 0.07)
     chosen = choose_cell(cells)
     assert (chosen["inner_steps"], chosen["lr_scale"]) == (3, 1.0)  # 0.8 at 3 steps beats 0.8 at 5
+    # the same number of correct queries, told apart by float32 rounding alone, is a tie too
+    noisy = [{"inner_steps": 5, "lr_scale": 1.0, "accuracy": 0.8255000036954879, "ci95": 0.02},
+             {"inner_steps": 3, "lr_scale": 1.0, "accuracy": 0.8255000001192093, "ci95": 0.02}]
+    assert choose_cell(noisy)["inner_steps"] == 3
 
 
 def test_plateau_and_time_to_target_read_the_validation_history():
@@ -302,6 +307,8 @@ def test_a_run_recorded_at_another_budget_is_refused_before_any_work(tmp_path):
     (["bench.fidelity", "run", "--plan", "5w1s:m1:fo:s0", "--work", "WORK", "--stepz", "10"],
      "run: unknown option(s) --stepz; known: --plan"),
     (["bench.fidelity", "summary", "--bogus", "1"], "summary: unknown option(s) --bogus; known: --root"),
+    (["bench.fidelity", "run", "--plan", "5w1s:m1:fo:s0", "--work", "WORK", "--grid_jobs", "0"],
+     "--grid_jobs=0 is invalid: expected a positive integer"),
     (["bench.fidelity", "train"], "give a command: run --plan ... | summary | park (got 'train'"),
     (["bench.protocol", "RUN", "--val_episode", "3"], "unknown option(s) --val_episode; known: --run_dir, --val_episodes"),
 ])
@@ -374,6 +381,42 @@ def test_park_carries_an_unfinished_run_to_a_later_checkout_which_continues_it(t
     run_plan("20w1s:m5:maml-b0.2:s0", work=str(later), steps=4000, record=str(record))
     assert seen == [["step_00000400"]], "the later checkout trained from the parked checkpoint"
     assert (record / name / "protocol.json").is_file() and not parked.exists(), "the record supersedes the parking"
+
+
+def test_a_grid_shares_out_the_plans_cores_and_the_timed_run_after_it_keeps_one(tmp_path, monkeypatch):
+    import bench.fidelity as fidelity
+
+    cores = sorted(os.sched_getaffinity(0))
+    assert len(cores) >= 2, "this test needs 2 cores: the grid's runs take one each"
+    seen = {}
+
+    def choose_beta(work, algo, grid, grid_steps, common, launcher, env, jobs):
+        seen["grid"] = (sorted(os.sched_getaffinity(0)), jobs)
+        (work / f"beta_{algo}").mkdir(parents=True)
+        (work / f"beta_{algo}" / "sweep.json").write_text(json.dumps({"runs": [{"beta": 0.005, "val_accuracy": 0.8}]}))
+        return 0.005
+
+    def train_final(run_dir, *args):
+        seen["train"] = sorted(os.sched_getaffinity(0))
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps({"steps": 400, "best_val": {"accuracy": 0.8}}))
+
+    protocol = {"test_chosen": {"accuracy": 0.8, "inner_steps": 5, "lr_scale": 1.0}, "test_paper": {"accuracy": 0.8}}
+    monkeypatch.setattr(fidelity, "choose_beta", choose_beta)
+    monkeypatch.setattr(fidelity, "train_final", train_final)
+    monkeypatch.setattr(fidelity, "test_final", lambda *args: protocol)
+    try:
+        run_plan("20w1s:m5:sign-msl:s0", work=str(tmp_path / "work"), steps=400, record=str(tmp_path / "record"),
+                 grid_jobs=2)
+        recorded = json.loads((tmp_path / "record" / "20w1s_m5_sign-msl_s0" / "protocol.json").read_text())
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert seen == {"grid": (cores, 2), "train": cores[:1]}
+    assert recorded["conditions"]["pinned_cores"] == cores[:1], "the record names the core the timed run had"
+    with pytest.raises(FidelityError, match=rf"--grid_jobs={len(cores) + 1} is invalid: .* up to the "
+                                                     rf"{len(cores)} cores"):
+        run_plan("20w1s:m5:sign-msl:s1", work=str(tmp_path / "work"), steps=400, record=str(tmp_path / "record"),
+                 grid_jobs=len(cores) + 1)
 
 
 def test_a_finished_run_keeps_its_final_state_and_a_longer_budget_goes_on_from_it(tmp_path, monkeypatch, capsys):

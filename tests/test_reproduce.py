@@ -37,6 +37,7 @@ def test_parse_setting_and_grid():
     ({"preset": "omniglot", "test_episodes": 0}, "--test_episodes=0 is invalid"),
     ({"preset": "omniglot", "val_episodes": 0}, "--val_episodes=0 is invalid"),
     ({"preset": "omniglot", "grid_steps": -5}, r"--grid_steps=-5 is invalid: expected a positive integer \(default: 25%"),
+    ({"preset": "omniglot", "grid_jobs": 0}, "--grid_jobs=0 is invalid: expected a positive integer"),
     ({"preset": "omniglot", "inner_lr": 0.1}, "--inner_lr is set by the harness"),
     ({"preset": "omniglot", "settings": "5w1s", "backbone": "vgg"}, "--backbone='vgg' is invalid"),
 ])
@@ -44,6 +45,21 @@ def test_bad_options_fail_before_any_run(tmp_path, options, message):
     with pytest.raises(ReproduceError, match=message):
         reproduce.reproduce(options.pop("preset"), out=str(tmp_path / "out"), **options)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_grid_runs_jobs_at_once_only_when_asked(tmp_path, monkeypatch):
+    commands = []
+
+    def record(command, log, env, what):
+        commands.append(command)
+        (tmp_path / "beta_sign").mkdir(exist_ok=True)
+        (tmp_path / "beta_sign" / "sweep.json").write_text(json.dumps({"best": {"sign": 0.005}}))
+
+    monkeypatch.setattr(reproduce, "run_logged", record)
+    assert reproduce.choose_beta(tmp_path, "sign", [0.0025, 0.005], 10, {"ways": 5}, "python", {}, 2) == 0.005
+    assert reproduce.choose_beta(tmp_path, "sign", [0.0025, 0.005], 10, {"ways": 5}, "python", {}) == 0.005
+    assert "--jobs=2" in commands[0] and "--ways=5" in commands[0]
+    assert not any(word.startswith("--jobs") for word in commands[1]), "one at a time: the sweep's default"
 
 
 def test_images_preset_names_a_directory_without_shards(tmp_path):

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from dist_signmaml.config import TrainConfig
 from dist_signmaml.evaluate import duration, evaluate
 from dist_signmaml.monitor import TAG_DESCRIPTIONS
-from dist_signmaml.sweep import run_sequentially
+from dist_signmaml.sweep import run_grid
 from dist_signmaml.train import train
 from tests.conftest import PYTHON, REPO_ROOT
 
@@ -91,7 +91,7 @@ def test_sweep_says_where_each_log_is_and_how_far_it_is(tmp_path, capsys):
         result = {"best_val": {"accuracy": float(options["inner_lr"]) * 100, "ci95": 0.01, "step": 1}}
         pathlib.Path(options["out"], "results.json").write_text(json.dumps(result))
     """))
-    run_sequentially([0.004, 0.006], "sign", tmp_path / "sign", f"{sys.executable} {fake_train}", {"steps": 1},
+    run_grid([0.004, 0.006], "sign", tmp_path / "sign", f"{sys.executable} {fake_train}", {"steps": 1},
                      finished_before=1, planned=5)
     lines = capsys.readouterr().out.splitlines()
     logs = [tmp_path / "sign" / f"beta_{b}" / "train.log" for b in ("0.004", "0.006")]

@@ -1,17 +1,19 @@
-"""The Appendix-A beta search: its extension rule on known accuracy curves, the SLURM array it writes, and a real
-two-run sweep with its CSV / JSON / Markdown summary."""
+"""The Appendix-A beta search: its extension rule on known accuracy curves, the SLURM array it writes, runs at once
+on disjoint shares of the machine, and a real two-run sweep with its CSV / JSON / Markdown summary."""
 
 from __future__ import annotations
 
 import csv
 import json
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from dist_signmaml.artifacts import RESULTS_JSON
-from dist_signmaml.sweep import PAPER_GRIDS, main, plan, run_sequentially, sweep
+from dist_signmaml.sweep import PAPER_GRIDS, SweepError, allowed_cpus, main, placements, plan, run_grid, sweep
 
 
 def search(grid, accuracy_of, max_extensions=5):
@@ -52,10 +54,22 @@ def test_lower_edge_stays_positive_and_extensions_are_bounded():
     assert capped_order == [list(PAPER_GRIDS["sign"])] and capped["status"] == "edge" and capped["best"] == 0.0035
 
 
+def test_a_tie_in_correct_queries_goes_to_the_smaller_beta_despite_float32_rounding():
+    """A 20w1s grid scored 1651 of 2000 validation queries for both beta 0.0025 and 0.01; the means of the float32
+    per-episode accuracies read 0.8255000001 and 0.8255000037, so the search took 0.01 and extended the grid upward
+    instead of taking the smaller beta, as its tie rule says."""
+    accuracy = {0.0025: 0.8255000001192093, 0.005: 0.8194999992847443, 0.01: 0.8255000036954879}
+    step = plan([0.0025, 0.005, 0.01], accuracy, max_extensions=2)
+    assert step["pending"] == [0.000625, 0.00125], "the smaller beta is best, at the lower edge: extend below it"
+    accuracy |= {0.000625: 0.70, 0.00125: 0.80}
+    assert plan([0.0025, 0.005, 0.01], accuracy, max_extensions=2)["best"] == 0.0025
+    assert plan([0.0025, 0.01], {0.0025: 0.8255, 0.01: 0.8260}, max_extensions=0)["best"] == 0.01, "one query more"
+
+
 def test_the_log_line_per_run_prints_the_score_the_search_ranks_by(tmp_path, capsys, monkeypatch):
     """Under --val_select any_steps a run ranks by its best step count; the log line printed the raw score (the
     10-step one) instead, so a sweep log read 68.65% for the beta the search chose with 82.30%."""
-    def fake_train(command, stdout, stderr):
+    def fake_train(command, stdout, stderr, **placement):
         out = Path(next(arg.split("=", 1)[1] for arg in command if arg.startswith("--out=")))
         best_val = {"step": 40, "accuracy": 0.6865, "ci95": 0.02, "best_steps": {"accuracy": 0.823, "ci95": 0.0173}}
         out.mkdir(parents=True, exist_ok=True)
@@ -63,9 +77,90 @@ def test_the_log_line_per_run_prints_the_score_the_search_ranks_by(tmp_path, cap
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(subprocess, "run", fake_train)
-    run_sequentially([0.015], "sign", tmp_path / "sign", "python", {})
+    run_grid([0.015], "sign", tmp_path / "sign", "python", {})
     line = [text for text in capsys.readouterr().out.splitlines() if "best val" in text]
     assert len(line) == 1 and "best val 82.30 ± 1.73%" in line[0], line
+
+
+def test_shares_split_the_cpus_and_gpus_into_disjoint_contiguous_slices():
+    assert placements(2, [0, 1, 2, 3], []) == [{"cpus": [0, 1], "gpus": []}, {"cpus": [2, 3], "gpus": []}]
+    assert [share["cpus"] for share in placements(3, [4, 5, 6, 7, 8, 9, 10], [])] == [[4, 5, 6], [7, 8], [9, 10]]
+    eight = placements(8, list(range(16)), [str(g) for g in range(8)])  # an 8-GPU node: one GPU and 2 CPUs per run
+    assert [share["gpus"] for share in eight] == [[str(g)] for g in range(8)]
+    assert [share["cpus"] for share in eight] == [[2 * g, 2 * g + 1] for g in range(8)]
+    assert [share["gpus"] for share in placements(2, [0, 1], ["GPU-a", "GPU-b", "GPU-c"])] == [["GPU-a", "GPU-b"],
+                                                                                               ["GPU-c"]]
+    with pytest.raises(SweepError, match=r"--jobs=3 is more than the 2 CPUs"):
+        placements(3, [0, 1], [])
+    with pytest.raises(SweepError, match=r"--jobs=2 is more than the 1 visible GPUs \(7\)"):
+        placements(2, [0, 1, 2, 3], ["7"])
+
+
+# A stand-in for the trainer that records where it ran. Runs wait for each other, so that one after another they
+# fail (after 60 s alone): run FIRST finishes only once a third run has started beside it, and a run given FAIL
+# exits with 3 once a second run has started.
+CONCURRENT_TRAIN = textwrap.dedent("""
+    import json, os, pathlib, sys, time
+    options = dict(arg[2:].split("=", 1) for arg in sys.argv if arg.startswith("--") and "=" in arg)
+    out = pathlib.Path(options["out"])
+    (out / "started").touch()
+    waited = time.monotonic()
+    while len(list(out.parent.glob("beta_*/started"))) < (3 if options["inner_lr"] == "FIRST" else 2):
+        if time.monotonic() - waited > 60:
+            sys.exit("alone for 60 s: the runs did not run at once")
+        time.sleep(0.05)
+    if options["inner_lr"] == "FAIL":
+        sys.exit(3)
+    time.sleep(float(options.get("hold", 0)))
+    where = {"cpus": sorted(os.sched_getaffinity(0)), "omp": os.environ.get("OMP_NUM_THREADS"),
+             "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    result = {"best_val": {"accuracy": float(options["inner_lr"]), "ci95": 0.01, "step": 1}, "where": where}
+    (out / "results.json").write_text(json.dumps(result))
+""")
+
+
+def concurrent_train(tmp_path: Path, first: str = "", fail: str = "") -> str:
+    """A launcher that runs the stand-in (CONCURRENT_TRAIN with run FIRST and run FAIL named by beta)."""
+    script = tmp_path / "fake_train.py"
+    script.write_text(CONCURRENT_TRAIN.replace('"FIRST"', repr(first)).replace('"FAIL"', repr(fail)))
+    return f"{sys.executable} {script}"
+
+
+def test_jobs_run_at_once_each_on_a_share_no_other_run_uses(tmp_path, capsys, monkeypatch):
+    cpus = allowed_cpus()
+    assert len(cpus) >= 2, "this test needs 2 CPUs to give two runs a CPU each"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    # 0.004 and 0.006 start at once; 0.006 ends, and 0.008 starts on its share while 0.004 still runs
+    run_grid([0.004, 0.006, 0.008], "sign", tmp_path / "sign", concurrent_train(tmp_path, first="0.004"), {}, jobs=2)
+    where = {beta: json.loads((tmp_path / "sign" / f"beta_{beta}" / "results.json").read_text())["where"]
+             for beta in ("0.004", "0.006", "0.008")}
+    shares = placements(2, cpus, ["3", "5"])
+    for run in where.values():
+        share = next(s for s in shares if s["gpus"] == [run["gpus"]])
+        assert run["cpus"] == share["cpus"], "each run is pinned to its share's CPUs"
+        assert run["omp"] == str(len(share["cpus"])), "and uses as many threads as its share has CPUs"
+    assert where["0.004"]["gpus"] != where["0.006"]["gpus"] and where["0.006"]["gpus"] == where["0.008"]["gpus"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sweep run")]
+    assert len(lines) == 3 and all(" on CPUs " in line and ", GPU " in line for line in lines), lines
+    assert sorted(line.split(" of ")[0] for line in lines) == ["sweep run 1", "sweep run 2", "sweep run 3"]
+
+
+def test_after_a_failed_run_none_starts_and_the_running_ones_finish(tmp_path, monkeypatch):
+    assert len(allowed_cpus()) >= 2, "this test needs 2 CPUs to give two runs a CPU each"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPUs: CPU shares only
+    # 0.004 fails once 0.006 runs beside it; 0.006 holds its share 1 s longer and finishes; 0.008 never starts
+    with pytest.raises(SweepError) as failed:
+        run_grid([0.004, 0.006, 0.008], "sign", tmp_path / "sign", concurrent_train(tmp_path, fail="0.004"),
+                 {"hold": 1}, jobs=2)
+    assert str(failed.value) == (f"run {tmp_path / 'sign' / 'beta_0.004'} failed (exit 3); see "
+                                 f"{tmp_path / 'sign' / 'beta_0.004' / 'train.log'} (beta 0.008 not started)")
+    assert (tmp_path / "sign" / "beta_0.006" / "results.json").is_file()
+    assert not (tmp_path / "sign" / "beta_0.008").exists()
+    # one at a time, the first failure ends the sweep at once
+    with pytest.raises(SweepError, match=r"beta_0.01 failed \(exit 1\); see .* \(beta 0.02, 0.03 not started\)$"):
+        run_grid([0.01, 0.02, 0.03], "sign", tmp_path / "one_at_a_time", "false", {})
+    assert [p.name for p in (tmp_path / "one_at_a_time").iterdir()] == ["beta_0.01"]
 
 
 def test_slurm_mode_writes_a_job_array_that_runs_each_beta(tmp_path, omniglot_root):
@@ -125,6 +220,9 @@ def test_a_real_two_run_sweep_and_its_summary(tmp_path, omniglot_root, subproces
     ({"inner_lr": 0.1}, "--inner_lr is set by the sweep"),
     ({"stepz": 3}, "--stepz"),
     ({"eval_episodes": 0}, "needs validation"),
+    ({"jobs": 0}, "--jobs=0 is invalid: expected a positive integer"),
+    ({"jobs": 2, "slurm": True}, "with --slurm each beta is an array task"),
+    ({"jobs": 10**6}, "--jobs=1000000 is more than the"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, options, fragment):
     with pytest.raises(SystemExit) as stopped:
