@@ -269,7 +269,8 @@ def write_array_job(betas: list[float], algo: str, algo_dir: Path, launcher: str
     return script
 
 
-def summarize(out: Path, searches: dict[str, dict], accuracies: dict[str, dict[float, dict]]) -> list[dict]:
+def summarize(out: Path, searches: dict[str, dict], accuracies: dict[str, dict[float, dict]],
+              jobs: int = 1) -> list[dict]:
     """OUT/sweep.csv, sweep.json and sweep.md: one row per run, the best beta of each method marked."""
     rows = []
     for algo, search in searches.items():
@@ -286,7 +287,12 @@ def summarize(out: Path, searches: dict[str, dict], accuracies: dict[str, dict[f
     (out / "sweep.json").write_text(json.dumps({"runs": rows, "best": {a: s["best"] for a, s in searches.items()},
                                                 "status": {a: s["status"] for a, s in searches.items()}}, indent=1) + "\n")
     pct = lambda v, ci: "" if v is None else f"{100 * v:.2f} ± {100 * ci:.2f}%"  # noqa: E731
-    lines = ["# beta sweep (paper Appendix A)", "", "| method | beta | val accuracy ± 95% CI | test accuracy ± 95% CI | s / meta-iteration |",
+    # s / meta-iteration depends on what ran beside each run, which the sweep does not record: the header says so
+    at_once = f"{jobs} at a time, each pinned to its own share of the machine" if jobs > 1 else "one at a time"
+    lines = ["# beta sweep (paper Appendix A)", "",
+             f"Each run is a separate process; this invocation ran them {at_once}. The load beside them is not "
+             f"recorded, so s / meta-iteration compares only runs made under the same conditions.", "",
+             "| method | beta | val accuracy ± 95% CI | test accuracy ± 95% CI | s / meta-iteration |",
              "| --- | --- | --- | --- | --- |"]
     for row in rows:
         mark = "**" if row["best"] else ""
@@ -365,7 +371,7 @@ def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "",
             subprocess.run(["sbatch", "--wait", str(script)], check=True)
         searches[algo] = search
     if all(not s["pending"] for s in searches.values()):
-        summarize(out_dir, searches, accuracies)
+        summarize(out_dir, searches, accuracies, jobs)
         for algo, search in searches.items():
             best = accuracies[algo][search["best"]]
             print(f"{algo}: best beta {search['best']:g}, val {100 * best['val_accuracy']:.2f} ± "

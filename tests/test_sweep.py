@@ -205,6 +205,7 @@ def test_a_real_two_run_sweep_and_its_summary(tmp_path, omniglot_root, subproces
     assert summary["best"] == {"sign": expected_best} and summary["status"] == {"sign": "edge"}
     table = (tmp_path / "sweep.md").read_text()
     assert f"**{expected_best:g}**" in table and "still at an edge" in table
+    assert "ran them one at a time. The load beside them is not recorded" in table
 
     # Re-running finds the finished runs and trains nothing again.
     stamps = {b: (tmp_path / "sign" / f"beta_{b:g}" / "results.json").stat().st_mtime_ns for b in runs}
