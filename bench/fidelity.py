@@ -271,13 +271,13 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
         if extend and not run_dir.exists() and not parked.exists():
             extend_from(run, full_steps, Path(extend), parked)
         unpark(run_dir, parked)
-        load_before = machine_load()
         common = run_options(run, eval_episodes, started=run_dir / "final")
         if grid_jobs > 1:
             os.sched_setaffinity(0, cores)  # the grid's runs share out every core of the plan
         beta, grid = beta_for(run, full_steps, run_dir, common, THREAD_ENV, grid_jobs)
         if grid_jobs > 1:
             os.sched_setaffinity(0, cores[:1])
+        load_before = machine_load()  # after the grid: the record's load describes the timed run, not the grid
         print(f"{run['name']}: beta {beta:g}, training {full_steps} steps in {run_dir}", flush=True)
         train_final(run_dir / "final", run["algo"], beta, full_steps, VALIDATIONS, common, shlex.quote(sys.executable),
                     THREAD_ENV)

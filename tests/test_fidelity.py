@@ -419,6 +419,39 @@ def test_a_grid_shares_out_the_plans_cores_and_the_timed_run_after_it_keeps_one(
                  grid_jobs=len(cores) + 1)
 
 
+def test_the_recorded_load_before_is_read_after_the_grid_just_before_the_timed_run(tmp_path, monkeypatch):
+    """The record's load describes the run whose seconds per meta-step it keeps; read before the grid, it described
+    the grid's start, an hour or more earlier."""
+    import bench.fidelity as fidelity
+
+    events = []
+
+    def machine_load():
+        events.append("load")
+        return {"read": len(events)}
+
+    def choose_beta(work, algo, grid, grid_steps, common, launcher, env, jobs):
+        events.append("grid")
+        (work / f"beta_{algo}").mkdir(parents=True)
+        (work / f"beta_{algo}" / "sweep.json").write_text(json.dumps({"runs": [{"beta": 0.005, "val_accuracy": 0.8}]}))
+        return 0.005
+
+    def train_final(run_dir, *args):
+        events.append("train")
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps({"steps": 400, "best_val": {"accuracy": 0.8}}))
+
+    protocol = {"test_chosen": {"accuracy": 0.8, "inner_steps": 5, "lr_scale": 1.0}, "test_paper": {"accuracy": 0.8}}
+    monkeypatch.setattr(fidelity, "machine_load", machine_load)
+    monkeypatch.setattr(fidelity, "choose_beta", choose_beta)
+    monkeypatch.setattr(fidelity, "train_final", train_final)
+    monkeypatch.setattr(fidelity, "test_final", lambda *args: protocol)
+    run_plan("20w1s:m5:sign-msl:s0", work=str(tmp_path / "work"), steps=400, record=str(tmp_path / "record"))
+    conditions = json.loads((tmp_path / "record" / "20w1s_m5_sign-msl_s0" / "protocol.json").read_text())["conditions"]
+    assert events == ["grid", "load", "train", "load"]
+    assert conditions["load_before"] == {"read": 2} and conditions["load_after"] == {"read": 4}
+
+
 def test_a_finished_run_keeps_its_final_state_and_a_longer_budget_goes_on_from_it(tmp_path, monkeypatch, capsys):
     """An 8000-step record of a run that already has a 4000-step one trained 8000 steps from 0; `--extend` goes on
     from the 4000-step run's last checkpoint (kept with its record, or by `park` for a run recorded by older code)
