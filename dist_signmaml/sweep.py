@@ -2,13 +2,21 @@
 
 Train one run per beta of a grid, pick the beta with the best validation accuracy, and while the best sits at an
 edge of the values tried, try two more values beyond that edge, spaced like the edge's neighbour (Appendix A: best
-0.16 of 0.06..0.16 -> try 0.18 and 0.20; stop when the best is inside). Runs go one after another here, or into a
-SLURM job array per round (`--slurm`): re-running the same command picks up the finished runs, and either writes the
-next round or the summary.
+0.16 of 0.06..0.16 -> try 0.18 and 0.20; stop when the best is inside). Runs go one after another here, N at once
+(`--jobs N`), or into a SLURM job array per round (`--slurm`): re-running the same command picks up the finished runs,
+and either writes the next round or the summary.
+
+With `--halving R` (successive halving) the search runs at --steps / 2^R meta-steps, and then R rounds each keep the
+better half of the runs (at least one), ranked by their best validation up to the previous round's step count, and
+continue them from their last checkpoint to twice the steps: the last round trains the survivors to --steps, so the
+winner's run is the full-budget run of the chosen beta (with a constant outer learning rate, the same run as one
+started at --steps). Five betas at R = 3 cost 5/8 + 2/8 + 1/4 + 1/2 = 1.625 full runs, where a grid at a quarter
+of the budget followed by a full run costs 2.25 (the search's extensions add runs at --steps / 2^R).
 
     python -m dist_signmaml.sweep --algos sign,fo --steps 300 --out runs/sweep
     python -m dist_signmaml.sweep --algos sign --grid 0.003,0.005,0.008 --launcher "accelerate launch --num_processes 2"
     python -m dist_signmaml.sweep --algos sign --jobs 8          # 8 runs at once: one GPU and 1/8 of the CPUs each
+    python -m dist_signmaml.sweep --algos sign --steps 16000 --halving 3   # search at 2000 steps, winner to 16000
     python -m dist_signmaml.sweep --algos sign --slurm --sbatch "--gres=gpu:1 --time=04:00:00"   # then sbatch ...
 
 Options (every other option is a training option, passed to each run: `python -m dist_signmaml.train --help`):
@@ -17,6 +25,8 @@ Options (every other option is a training option, passed to each run: `python -m
     --out             sweep directory; run i of method M goes to OUT/M/beta_<value> (default runs/sweep)
     --launcher        how a run starts a module (default: this python; e.g. "accelerate launch --num_processes 2")
     --max_extensions  rounds of two more betas past an edge before giving up (default 5)
+    --halving         rounds of successive halving after the search (default 0: none); needs --steps divisible by
+                      2^R and a constant --outer_lr_schedule, since each round continues its runs to more steps
     --jobs            runs at once on this machine (default 1). Each gets its own share: this process's CPUs split
                       into JOBS contiguous slices (pinned, OMP_NUM_THREADS = the slice's size unless set), and the
                       visible GPUs split likewise (CUDA_VISIBLE_DEVICES); the shares stay fixed for the whole sweep,
@@ -107,18 +117,57 @@ def plan(grid, accuracy: dict[float, float], max_extensions: int) -> dict:
     raise AssertionError("unreachable")
 
 
-def read_accuracies(algo_dir: Path) -> dict[float, dict]:
+def best_validation(results: dict, up_to: int | None = None) -> dict | None:
+    """A run's best validation result, or its best among those at steps <= `up_to` when it has gone further (a
+    run continued by successive halving is ranked in each round as it stood at that round's step count); None when
+    it has not reached `up_to` yet. Ties go to the earlier result, as the validator keeps it."""
+    if up_to is None or results.get("steps", 0) == up_to:
+        return results.get("best_val")
+    if results.get("steps", 0) < up_to:
+        return None
+    earlier = [result for result in results.get("val_history", []) if result["step"] <= up_to]
+    return max(earlier, key=lambda result: ranked(selected_score(result)["accuracy"])) if earlier else None
+
+
+def halving_steps(steps: int, rounds: int) -> list[int]:
+    """The meta-steps of each round of successive halving: the search's, then doubling up to `steps`."""
+    return [steps >> (rounds - round_) for round_ in range(rounds + 1)]
+
+
+def halve(search: dict, accuracies_by_round: list[dict[float, float]], steps_by_round: list[int]) -> dict:
+    """Successive halving after the search `search` (plan's result, done or at an edge), a pure function like
+    `plan`: round r keeps the better half (at least one) of round r-1's runs, ranked by their validation up to
+    round r-1's steps (`accuracies_by_round[r - 1]`, beta -> accuracy), and trains them to `steps_by_round[r]`.
+    Returns `search` with "pending" (betas to train to "steps"), "rounds" (the betas of each round so far) and,
+    once the last round is trained, "best" (the best at the full budget)."""
+    survivors, rounds = list(search["tried"]), [{"steps": steps_by_round[0], "betas": list(search["tried"])}]
+    for round_ in range(1, len(steps_by_round)):
+        before = accuracies_by_round[round_ - 1]
+        by_rank = sorted(survivors, key=lambda beta: (-ranked(before[beta]), beta))  # ties: the smaller beta
+        survivors = sorted(by_rank[:max(1, len(survivors) // 2)])
+        rounds.append({"steps": steps_by_round[round_], "betas": survivors})
+        pending = [beta for beta in survivors if beta not in accuracies_by_round[round_]]
+        if pending:
+            return search | {"pending": pending, "steps": steps_by_round[round_], "rounds": rounds, "best": None}
+    return search | {"pending": [], "rounds": rounds, "best": best_beta(accuracies_by_round[-1], survivors)}
+
+
+def read_accuracies(algo_dir: Path, up_to: int | None = None) -> dict[float, dict]:
     """beta -> the best validation result of each finished run under OUT/ALGO (runs without results.json are
-    unfinished and left out), ranked as the run ranked it (--val_select: at its test steps, or its best count)."""
+    unfinished and left out), ranked as the run ranked it (--val_select: at its test steps, or its best count).
+    `up_to`: only runs that reached that many meta-steps, each scored by its validations up to there."""
     found = {}
     for results_file in sorted(algo_dir.glob(f"beta_*/{RESULTS_JSON}")):
         results = json.loads(results_file.read_text())
         if not results.get("best_val"):
             raise SweepError(f"{results_file} has no validation result: sweep runs need --eval_episodes > 0")
+        best_val = best_validation(results, up_to)
+        if best_val is None:
+            continue
         beta = canonical(results["config"]["inner_lr"])
-        best = selected_score(results["best_val"])
+        best = selected_score(best_val)
         found[beta] = {"beta": beta, "val_accuracy": best["accuracy"],
-                       "val_ci95": best["ci95"], "val_step": results["best_val"]["step"],
+                       "val_ci95": best["ci95"], "val_step": best_val["step"], "steps": results.get("steps"),
                        "test_accuracy": (results.get("test") or {}).get("accuracy"),
                        "test_ci95": (results.get("test") or {}).get("ci95"),
                        "seconds_per_meta_iteration": results["seconds_per_meta_iteration"]["mean"],
@@ -254,7 +303,8 @@ def write_array_job(betas: list[float], algo: str, algo_dir: Path, launcher: str
                     sbatch_options: str) -> Path:
     """A SLURM job array with one task per beta: task i trains betas[i] into OUT/ALGO/beta_<betas[i]>."""
     algo_dir.mkdir(parents=True, exist_ok=True)
-    script = algo_dir / f"sweep_{len(betas)}runs_from_beta_{betas[0]:g}.sbatch"
+    to_steps = f"_to_{train_options['steps']}steps" if "steps" in train_options else ""  # halving rounds differ
+    script = algo_dir / f"sweep_{len(betas)}runs_from_beta_{betas[0]:g}{to_steps}.sbatch"
     lines = ["#!/bin/bash", f"#SBATCH --job-name=sweep-{algo}", f"#SBATCH --array=0-{len(betas) - 1}",
              f"#SBATCH --output={algo_dir.resolve()}/slurm-%A_%a.log"]
     lines += [f"#SBATCH {option}" for option in shlex.split(sbatch_options)]
@@ -278,26 +328,34 @@ def summarize(out: Path, searches: dict[str, dict], accuracies: dict[str, dict[f
             if beta in accuracies[algo]:
                 rows.append({"algo": algo, **accuracies[algo][beta], "best": beta == search["best"],
                              "status": search["status"]})
-    fields = ["algo", "beta", "val_accuracy", "val_ci95", "val_step", "test_accuracy", "test_ci95",
+    fields = ["algo", "beta", "val_accuracy", "val_ci95", "val_step", "steps", "test_accuracy", "test_ci95",
               "seconds_per_meta_iteration", "best", "status", "run"]
     with open(out / "sweep.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+    halving = {a: s["rounds"] for a, s in searches.items() if "rounds" in s}
     (out / "sweep.json").write_text(json.dumps({"runs": rows, "best": {a: s["best"] for a, s in searches.items()},
-                                                "status": {a: s["status"] for a, s in searches.items()}}, indent=1) + "\n")
+                                                "status": {a: s["status"] for a, s in searches.items()},
+                                                **({"halving": halving} if halving else {})}, indent=1) + "\n")
     pct = lambda v, ci: "" if v is None else f"{100 * v:.2f} ± {100 * ci:.2f}%"  # noqa: E731
     # s / meta-iteration depends on what ran beside each run, which the sweep does not record: the header says so
     at_once = f"{jobs} at a time, each pinned to its own share of the machine" if jobs > 1 else "one at a time"
     lines = ["# beta sweep (paper Appendix A)", "",
              f"Each run is a separate process; this invocation ran them {at_once}. The load beside them is not "
              f"recorded, so s / meta-iteration compares only runs made under the same conditions.", "",
-             "| method | beta | val accuracy ± 95% CI | test accuracy ± 95% CI | s / meta-iteration |",
-             "| --- | --- | --- | --- | --- |"]
+             "| method | beta | meta-steps | val accuracy ± 95% CI | test accuracy ± 95% CI | s / meta-iteration |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         mark = "**" if row["best"] else ""
-        lines.append(f"| {row['algo']} | {mark}{row['beta']:g}{mark} | {mark}{pct(row['val_accuracy'], row['val_ci95'])}{mark} | "
+        lines.append(f"| {row['algo']} | {mark}{row['beta']:g}{mark} | {row.get('steps') or ''} | "
+                     f"{mark}{pct(row['val_accuracy'], row['val_ci95'])}{mark} | "
                      f"{pct(row['test_accuracy'], row['test_ci95'])} | {row['seconds_per_meta_iteration']:.4f} |")
+    for algo, rounds in halving.items():
+        kept = " -> ".join(f"{len(r['betas'])} at {r['steps']}" for r in rounds)
+        lines.append(f"\n{algo}: successive halving, betas kept per round at its meta-steps: {kept}. Each round ranked "
+                     f"by validation up to the previous round's meta-steps; the val accuracy above is each run's "
+                     f"best over all the meta-steps it trained.")
     for algo, search in searches.items():
         if search["status"] == "edge":
             lines.append(f"\n{algo}: the best beta {search['best']:g} is still at an edge after the allowed extensions "
@@ -316,7 +374,8 @@ def as_list(value, flag: str, convert) -> list:
 
 
 def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "", slurm: bool = False,
-          submit: bool = False, sbatch: str = "", max_extensions: int = 5, jobs: int = 1, **train_options) -> dict:
+          submit: bool = False, sbatch: str = "", max_extensions: int = 5, jobs: int = 1, halving: int = 0,
+          **train_options) -> dict:
     """Run (or schedule) the search for every method; returns {algo: plan} and writes the summary when done."""
     methods = as_list(algos, "algos", str)
     for algo in methods:
@@ -339,10 +398,21 @@ def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "",
     for reserved in ("algo", "inner_lr", "resume"):
         if reserved in train_options:
             raise SweepError(f"--{reserved} is set by the sweep for each run; leave it out")
+    if not isinstance(halving, int) or isinstance(halving, bool) or halving < 0:
+        raise SweepError(f"--halving={halving!r} is invalid: expected an integer >= 0 (rounds of successive halving)")
     try:  # every run's options are checked before the first run starts
-        TrainConfig.from_options(**train_options)
+        full = TrainConfig.from_options(**train_options)
+        rounds = halving_steps(full.steps, halving) if halving else []
+        for steps in rounds:
+            TrainConfig.from_options(**train_options | {"steps": steps})
     except ConfigError as error:
         raise SweepError(str(error)) from None
+    if halving and full.steps % 2 ** halving:
+        raise SweepError(f"--halving={halving} needs --steps divisible by {2 ** halving} (each round doubles the "
+                         f"meta-steps up to --steps); got --steps={full.steps}")
+    if halving and full.outer_lr_schedule != "constant":
+        raise SweepError(f"--halving with --outer_lr_schedule={full.outer_lr_schedule}: the schedule spans --steps, "
+                         f"so a run cannot be continued to more steps; expected constant")
     if train_options.get("eval_episodes") == 0:
         raise SweepError("--eval_episodes=0: the sweep picks beta by validation accuracy and needs validation")
     launcher = launcher or shlex.quote(sys.executable)
@@ -352,18 +422,31 @@ def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "",
     searches, accuracies, latest = {}, {}, {}  # latest: each method's search so far (for the progress lines)
     for algo in methods:
         algo_dir = out_dir / algo
-        for _ in range(max_extensions + 2):  # the first round, the extensions, and a last look
-            accuracies[algo] = read_accuracies(algo_dir)
+        for _ in range(max_extensions + 2 + halving):  # the first round, the extensions, halving, and a last look
+            accuracies[algo] = read_accuracies(algo_dir, rounds[0] if rounds else None)
             search = plan(grids[algo], {b: r["val_accuracy"] for b, r in accuracies[algo].items()}, max_extensions)
+            run_options = train_options | ({"steps": rounds[0]} if rounds else {})
+            if rounds and not search["pending"]:
+                by_round = [{b: r["val_accuracy"] for b, r in read_accuracies(algo_dir, steps).items()}
+                            for steps in rounds]
+                search = halve(search, by_round, rounds)
+                accuracies[algo] = read_accuracies(algo_dir)  # the summary shows each run as far as it went
+                run_options = train_options | {"steps": search.get("steps", full.steps)}
+                if search["pending"]:
+                    tqdm.write(f"{algo}: successive halving, beta {', '.join(f'{b:g}' for b in search['pending'])} "
+                               f"on to {run_options['steps']} meta-steps (round {len(search['rounds']) - 1} of "
+                               f"{halving})")
             if not search["pending"]:
                 break
             if not slurm:
                 latest[algo] = search
                 finished = sum(len(found) for found in accuracies.values())
                 planned = sum(len(latest[a]["tried"]) if a in latest else len(grids[a]) for a in methods)
-                run_grid(search["pending"], algo, algo_dir, launcher, train_options, finished, planned, jobs)
+                if "rounds" in search:  # a round continues runs already counted: number them within the round
+                    finished, planned = 0, len(search["pending"])
+                run_grid(search["pending"], algo, algo_dir, launcher, run_options, finished, planned, jobs)
                 continue
-            script = write_array_job(search["pending"], algo, algo_dir, launcher, train_options, sbatch)
+            script = write_array_job(search["pending"], algo, algo_dir, launcher, run_options, sbatch)
             if not submit:
                 print(f"{algo}: {len(search['pending'])} runs to go; submit `sbatch {script}`, then re-run this "
                       f"command to continue the search")

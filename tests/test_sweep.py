@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from dist_signmaml.artifacts import RESULTS_JSON
-from dist_signmaml.sweep import PAPER_GRIDS, SweepError, allowed_cpus, main, placements, plan, run_grid, sweep
+from dist_signmaml.sweep import (PAPER_GRIDS, SweepError, allowed_cpus, best_validation, halve, halving_steps, main,
+                                  placements, plan, run_grid, sweep)
 
 
 def search(grid, accuracy_of, max_extensions=5):
@@ -224,6 +225,9 @@ def test_a_real_two_run_sweep_and_its_summary(tmp_path, omniglot_root, subproces
     ({"jobs": 0}, "--jobs=0 is invalid: expected a positive integer"),
     ({"jobs": 2, "slurm": True}, "with --slurm each beta is an array task"),
     ({"jobs": 10**6}, "--jobs=1000000 is more than the"),
+    ({"halving": -1}, "--halving=-1 is invalid: expected an integer >= 0"),
+    ({"halving": 2, "steps": 10}, "--halving=2 needs --steps divisible by 4"),
+    ({"halving": 1, "steps": 10, "outer_lr_schedule": "cosine"}, "the schedule spans --steps"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, options, fragment):
     with pytest.raises(SystemExit) as stopped:
@@ -232,3 +236,119 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, options, fragment):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and fragment in err, err
     assert not list(tmp_path.glob("*/beta_*")), "nothing may run after bad input"
+
+
+@pytest.mark.unit  # pure functions
+def test_successive_halving_keeps_the_better_half_as_each_run_stood_at_the_round_before():
+    search = plan([0.002, 0.004, 0.008, 0.016, 0.032], {0.002: 0.6, 0.004: 0.7, 0.008: 0.74, 0.016: 0.73, 0.032: 0.5},
+                  max_extensions=0)
+    rounds = halving_steps(800, 3)
+    assert rounds == [100, 200, 400, 800]
+    first = {0.002: 0.6, 0.004: 0.7, 0.008: 0.74, 0.016: 0.73, 0.032: 0.5}
+    step = halve(search, [first, {}, {}, {}], rounds)
+    assert (step["pending"], step["steps"]) == ([0.008, 0.016], 200), "5 // 2 = 2 kept, the two best at 100 steps"
+    # at 200 steps 0.016 overtakes 0.008; one of the two goes on, and later rounds keep at least one
+    step = halve(search, [first, {0.008: 0.80, 0.016: 0.81}, {}, {}], rounds)
+    assert (step["pending"], step["steps"], step["best"]) == ([0.016], 400, None)
+    step = halve(search, [first, {0.008: 0.80, 0.016: 0.81}, {0.016: 0.84}, {0.016: 0.86}], rounds)
+    assert (step["pending"], step["best"]) == ([], 0.016)
+    assert [(r["steps"], r["betas"]) for r in step["rounds"]] == [
+        (100, [0.002, 0.004, 0.008, 0.016, 0.032]), (200, [0.008, 0.016]), (400, [0.016]), (800, [0.016])]
+    # a tie that float32 rounding alone tells apart keeps the smaller beta
+    tie = halve(search, [first, {0.008: 0.8255000037, 0.016: 0.8255000001}, {}, {}], rounds)
+    assert tie["pending"] == [0.008]
+
+
+@pytest.mark.unit  # pure functions
+def test_a_run_that_went_on_is_ranked_by_its_validations_up_to_the_round():
+    history = [{"step": 2, "accuracy": 0.70, "ci95": 0.02}, {"step": 4, "accuracy": 0.69, "ci95": 0.02},
+               {"step": 6, "accuracy": 0.75, "best_steps": {"accuracy": 0.90, "ci95": 0.01}, "ci95": 0.02}]
+    results = {"steps": 6, "best_val": history[2], "val_history": history}
+    assert best_validation(results) is history[2]
+    assert best_validation(results, up_to=6) is history[2]
+    assert best_validation(results, up_to=4) is history[0], "the best up to step 4, not the latest"
+    assert best_validation(results, up_to=8) is None, "a run that has not reached the round is not ranked in it"
+
+
+# A stand-in for the trainer that goes on from where its run stopped, as --resume does: it validates every 2
+# meta-steps from there to --steps, at an accuracy set by beta and step, and logs what it trained.
+HALVING_TRAIN = textwrap.dedent("""
+    import json, pathlib, sys
+    options = dict(arg[2:].split("=", 1) for arg in sys.argv if arg.startswith("--") and "=" in arg)
+    out, beta, steps = pathlib.Path(options["out"]), float(options["inner_lr"]), int(options["steps"])
+    assert "--resume" in sys.argv
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    start, history = results.get("steps", 0), results.get("val_history", [])
+    base = {0.002: 0.58, 0.004: 0.66, 0.008: 0.70, 0.016: 0.63}[beta]
+    slope = {0.004: 0.035, 0.008: 0.02}.get(beta, 0.01)
+    history += [{"step": s, "accuracy": base + slope * s, "ci95": 0.01} for s in range(start + 2, steps + 1, 2)]
+    best = max(history, key=lambda r: r["accuracy"])
+    (out / "results.json").write_text(json.dumps({"steps": steps, "best_val": best, "val_history": history,
+                                                  "config": {"inner_lr": beta},
+                                                  "seconds_per_meta_iteration": {"mean": 0.1}}))
+    with open(out.parent.parent / "trained.log", "a") as log:
+        log.write(f"{beta:g} {start} {steps}\\n")
+""")
+
+
+def test_halving_rounds_continue_the_better_half_to_the_full_budget(tmp_path, capsys):
+    """At 2 meta-steps 0.008 leads (0.74) and 0.004 is second (0.73); both go on to 4, where 0.004 leads
+    (0.80 against 0.78), so 0.004 alone goes on to 8: the best early is not the one trained to the budget."""
+    script = tmp_path / "halving_train.py"
+    script.write_text(HALVING_TRAIN)
+    options = dict(algos="sign", grid="0.002,0.004,0.008,0.016", out=str(tmp_path / "sweep"),
+                   launcher=f"{sys.executable} {script}", halving=2, steps=8)
+    searches = sweep(**options)
+    trained = (tmp_path / "sweep" / "trained.log").read_text().split("\n")
+    assert trained == ["0.002 0 2", "0.004 0 2", "0.008 0 2", "0.016 0 2", "0.004 2 4", "0.008 2 4", "0.004 4 8", ""]
+    assert searches["sign"]["best"] == 0.004 and searches["sign"]["status"] == "done"
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert summary["best"] == {"sign": 0.004}
+    assert summary["halving"] == {"sign": [{"steps": 2, "betas": [0.002, 0.004, 0.008, 0.016]},
+                                           {"steps": 4, "betas": [0.004, 0.008]}, {"steps": 8, "betas": [0.004]}]}
+    assert {row["beta"]: row["steps"] for row in summary["runs"]} == {0.002: 2, 0.004: 8, 0.008: 4, 0.016: 2}
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "| sign | **0.004** | 8 | **94.00 ± 1.00%** |" in table
+    assert "successive halving, betas kept per round at its meta-steps: 4 at 2 -> 2 at 4 -> 1 at 8. Each" in table
+    out = capsys.readouterr().out
+    assert "sign: successive halving, beta 0.004, 0.008 on to 4 meta-steps (round 1 of 2)" in out
+    assert "sign: best beta 0.004, val 94.00 ± 1.00% (done)" in out
+    # re-running trains nothing again: each round's ranking is read back from the runs' validations
+    sweep(**options)
+    assert (tmp_path / "sweep" / "trained.log").read_text().split("\n") == trained
+
+
+def test_halving_with_the_real_trainer_continues_the_winner_from_its_checkpoint(tmp_path, omniglot_root,
+                                                                                 subprocess_env, monkeypatch):
+    for key, value in subprocess_env.items():
+        monkeypatch.setenv(key, value)  # runs inherit one BLAS thread each
+    options = dict(steps=4, queries=1, meta_batch=2, hidden=16, eval_every=0, eval_episodes=2, test_episodes=0,
+                   test_inner_steps=2, data=str(omniglot_root))
+    searches = sweep(algos="sign", grid="0.004,0.006", max_extensions=0, halving=1, out=str(tmp_path), **options)
+    best = searches["sign"]["best"]
+    other = ({0.004, 0.006} - {best}).pop()
+    winner = json.loads((tmp_path / "sign" / f"beta_{best:g}" / "results.json").read_text())
+    loser = json.loads((tmp_path / "sign" / f"beta_{other:g}" / "results.json").read_text())
+    assert (winner["steps"], loser["steps"]) == (4, 2)
+    assert [r["step"] for r in winner["val_history"]] == [2, 4], "validated at the end of each round it ran"
+    assert "--resume: continuing from" in (tmp_path / "sign" / f"beta_{best:g}" / "train.log").read_text()
+    at_two = {b: json.loads((tmp_path / "sign" / f"beta_{b:g}" / "results.json").read_text())["val_history"][0]
+              for b in (0.004, 0.006)}
+    assert best == max((0.004, 0.006), key=lambda b: (at_two[b]["accuracy"], -b)), "ranked at 2 meta-steps"
+
+
+def test_halving_under_slurm_writes_one_array_per_round(tmp_path, omniglot_root):
+    options = dict(algos="sign", grid=(0.004, 0.006, 0.008), out=str(tmp_path), slurm=True, launcher="echo",
+                   steps=4, halving=1, data=str(omniglot_root))
+    sweep(**options)
+    [first] = (tmp_path / "sign").glob("*.sbatch")
+    assert first.name == "sweep_3runs_from_beta_0.004_to_2steps.sbatch" and "--steps=2" in first.read_text()
+    for beta, accuracy in ((0.004, 0.6), (0.006, 0.8), (0.008, 0.7)):  # the array's runs, as they would finish
+        (tmp_path / "sign" / f"beta_{beta:g}").mkdir()
+        (tmp_path / "sign" / f"beta_{beta:g}" / "results.json").write_text(json.dumps({
+            "steps": 2, "best_val": {"step": 2, "accuracy": accuracy, "ci95": 0.01}, "config": {"inner_lr": beta},
+            "seconds_per_meta_iteration": {"mean": 0.1}}))
+    searches = sweep(**options)
+    assert searches["sign"]["pending"] == [0.006]
+    second = tmp_path / "sign" / "sweep_1runs_from_beta_0.006_to_4steps.sbatch"
+    assert "--steps=4" in second.read_text() and "BETAS=(0.006)" in second.read_text()
