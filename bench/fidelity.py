@@ -249,7 +249,8 @@ def run_plan(plan: str, work: str = "runs/fidelity", steps: int = 0, record: str
     `beside`: what ran on the other cores meanwhile (e.g. the other plan of a side-by-side pair), recorded with the
     run because seconds per meta-step depend on it. `extend`: a record of the same runs at fewer steps; each run
     goes on from that run's final state (its `resumable` copy) instead of from step 0, which with a constant outer
-    rate trains exactly what a run started at `steps` would (only its validations up to there are more frequent).
+    rate trains exactly what a run started at `steps` would (only its validations up to there are more frequent),
+    except that a multi-step-loss run annealed over a tenth of the shorter budget (docs/fidelity.md).
     `grid_jobs`: a beta grid's runs at once, each pinned to its own share of the cores the plan was given (run it
     under `taskset -c 0,1` for two); the full run and its test, whose times are recorded, then run on the first of
     those cores alone, like every other run here."""

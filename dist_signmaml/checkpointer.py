@@ -263,10 +263,11 @@ class Checkpointer:
         return None
 
     def _check_resume_config(self, checkpoint: Path) -> None:
-        saved = json.loads((checkpoint / TRAIN_STATE).read_text()).get("config")
+        state = json.loads((checkpoint / TRAIN_STATE).read_text())
+        saved = state.get("config")
         if saved is None:
             return  # written before configs were recorded in checkpoints
-        differences = self.config.resume_differences(saved)
+        differences = self.config.resume_differences(saved, state.get("step"))
         if differences:
             raise ConfigError(f"--resume: {checkpoint} was trained with other options ({'; '.join(differences)}); "
                               f"these change the model or the algorithm, so resume with the original values or start "

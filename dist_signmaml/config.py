@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from dist_signmaml.algorithms.inner import MULTI_STEP_ANNEAL_FRACTION, multi_step_anneal
 from dist_signmaml.algorithms.learner import LEARNED_STEP_SIZES, TASK_PARALLEL_MODES
 from dist_signmaml.algorithms.rules import ALGORITHMS
 from dist_signmaml.metatest import STEP_COUNTS, VAL_SELECTS
@@ -52,6 +53,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "test_inner_steps", "workers", "window_shards", "resume", "overwrite", "out", "data", "dist_timeout",
     "on_bad_sample", "on_nonfinite", "task_parallel", "cpu_affinity", "compile", "compile_backend", "activation_checkpointing",
     "log_with", "project", "profile_steps",
+    "schedule_steps",  # checked by what it changes: the span of the schedules (TrainConfig.resume_differences)
 })
 NONFINITE_POLICIES = ("stop", "skip_step")
 
@@ -77,6 +79,9 @@ class TrainConfig:
     outer_lr: float = _field(1e-3, "Adam learning rate alpha of the meta-update (paper: 0.001)")
     outer_lr_schedule: str = _field("constant", f"outer learning rate over the run: {' | '.join(OUTER_LR_SCHEDULES)} "
                                                 "(cosine: from --outer_lr towards 0 at --steps, as MAML++)")
+    schedule_steps: int = _field(0, "meta-steps that the outer learning-rate schedule and the multi-step loss's "
+                                    "annealing span; 0 = --steps. Give a longer run's budget to train its first "
+                                    "--steps exactly as that run would (the sweep's --halving does)")
     learn_inner_lr: str = _field("none", "learned inner step sizes: none (fixed --inner_lr) | layer (one beta per "
                                          "adapted tensor) | layer_step (per tensor and inner step; test steps past "
                                          "the last trained one reuse its sizes); initialised from --inner_lr")
@@ -190,6 +195,8 @@ class TrainConfig:
         need(0 <= self.inner_momentum < 1, "inner_momentum", "a number in [0, 1)")
         need(self.backbone in BACKBONES, "backbone", f"one of {', '.join(sorted(BACKBONES))}")
         need(self.task_parallel in TASK_PARALLEL_MODES, "task_parallel", f"one of {', '.join(TASK_PARALLEL_MODES)}")
+        need(isinstance(self.schedule_steps, int) and (self.schedule_steps == 0 or self.schedule_steps >= self.steps),
+             "schedule_steps", f"0 (= --steps) or an integer >= --steps ({self.steps})")
         for flag in ("hidden", "workers", "eval_episodes", "eval_every", "test_episodes", "seed", "meta_batch"):
             need(isinstance(getattr(self, flag), int) and getattr(self, flag) >= 0, flag, "an integer >= 0")
         need(isinstance(self.resume, bool) or self.resume == "must", "resume", "True, False or must")
@@ -235,9 +242,15 @@ class TrainConfig:
         need(not (self.activation_checkpointing and self.task_parallel == "vmap"), "task_parallel",
              "loop or auto with --activation_checkpointing (checkpointing needs plain autograd, which vmap is not)")
 
-    def resume_differences(self, saved: dict) -> list[str]:
+    @property
+    def schedule_span(self) -> int:
+        """The meta-steps the outer learning-rate schedule and the multi-step loss's annealing run over."""
+        return self.schedule_steps or self.steps
+
+    def resume_differences(self, saved: dict, step: int | None = None) -> list[str]:
         """`--flag: saved -> now` for every option that differs from a checkpoint's config and may not change on
-        resume (anything outside MAY_CHANGE_ON_RESUME alters the model, the data order or the algorithm)."""
+        resume (anything outside MAY_CHANGE_ON_RESUME alters the model, the data order or the algorithm), and a
+        change of the schedules' span where it would change the steps still to come (`step`: the checkpoint's)."""
         differences = []
         for f in fields(self):
             if f.name in MAY_CHANGE_ON_RESUME:
@@ -246,11 +259,22 @@ class TrainConfig:
             before = saved.get(f.name, f.default)  # a checkpoint written before an option existed ran its default
             if before != now:
                 differences.append(f"--{f.name}: {before!r} -> {now!r}")
-        saved_steps = saved.get("steps", self.steps)
-        if self.outer_lr_schedule != "constant" and saved_steps != self.steps:
-            # the schedule is a function of the step and --steps: a longer run would jump back to a higher rate
-            differences.append(f"--steps: {saved_steps!r} -> {self.steps!r} (the {self.outer_lr_schedule} outer "
-                               f"learning-rate schedule spans --steps; only a constant one can be extended)")
+        span_before = saved.get("schedule_steps") or saved.get("steps", self.steps)
+        if span_before == self.schedule_span:
+            return differences
+        keep = f"give --schedule_steps={span_before} to keep it"
+        changed = (f"--steps: {saved['steps']!r} -> {self.steps!r}" if saved.get("steps", self.steps) != self.steps
+                   else f"--schedule_steps: {saved.get('schedule_steps', 0)!r} -> {self.schedule_steps!r}")
+        if self.outer_lr_schedule != "constant":
+            # the rate is a function of the step and the span: a longer span would jump back to a higher rate
+            differences.append(f"{changed} (the {self.outer_lr_schedule} outer learning-rate schedule spans "
+                               f"{span_before} meta-steps, now {self.schedule_span}; {keep})")
+        elif self.multi_step_loss and not (step is not None and all(
+                multi_step_anneal((step + 1) / span) == 1.0 for span in (span_before, self.schedule_span))):
+            # inside the annealing window the weights would jump; past it both spans give the final weights
+            differences.append(f"{changed} (the multi-step loss anneals its weights over the first "
+                               f"{MULTI_STEP_ANNEAL_FRACTION:.0%} of {span_before} meta-steps, now of "
+                               f"{self.schedule_span}, and step {step} is inside that; {keep})")
         return differences
 
     def _validate_cluster_options(self) -> None:

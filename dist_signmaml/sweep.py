@@ -9,8 +9,9 @@ and either writes the next round or the summary.
 With `--halving R` (successive halving) the search runs at --steps / 2^R meta-steps, and then R rounds each keep the
 better half of the runs (at least one), ranked by their best validation up to the previous round's step count, and
 continue them from their last checkpoint to twice the steps: the last round trains the survivors to --steps, so the
-winner's run is the full-budget run of the chosen beta (with a constant outer learning rate, the same run as one
-started at --steps). Five betas at R = 3 cost 5/8 + 2/8 + 1/4 + 1/2 = 1.625 full runs, where a grid at a quarter
+winner's run is the full-budget run of the chosen beta. Every round trains with --schedule_steps = --steps, so the
+outer learning-rate schedule and the multi-step loss's annealing are those of the full run, and the winner's run is
+the very run one started at --steps would be. Five betas at R = 3 cost 5/8 + 2/8 + 1/4 + 1/2 = 1.625 full runs, where a grid at a quarter
 of the budget followed by a full run costs 2.25 (the search's extensions add runs at --steps / 2^R).
 
     python -m dist_signmaml.sweep --algos sign,fo --steps 300 --out runs/sweep
@@ -26,7 +27,7 @@ Options (every other option is a training option, passed to each run: `python -m
     --launcher        how a run starts a module (default: this python; e.g. "accelerate launch --num_processes 2")
     --max_extensions  rounds of two more betas past an edge before giving up (default 5)
     --halving         rounds of successive halving after the search (default 0: none); needs --steps divisible by
-                      2^R and a constant --outer_lr_schedule, since each round continues its runs to more steps
+                      2^R, and sets each run's --schedule_steps to --steps
     --jobs            runs at once on this machine (default 1). Each gets its own share: this process's CPUs split
                       into JOBS contiguous slices (pinned, OMP_NUM_THREADS = the slice's size unless set), and the
                       visible GPUs split likewise (CUDA_VISIBLE_DEVICES); the shares stay fixed for the whole sweep,
@@ -404,15 +405,14 @@ def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "",
         full = TrainConfig.from_options(**train_options)
         rounds = halving_steps(full.steps, halving) if halving else []
         for steps in rounds:
-            TrainConfig.from_options(**train_options | {"steps": steps})
+            TrainConfig.from_options(**train_options | {"steps": steps, "schedule_steps": full.steps})
     except ConfigError as error:
         raise SweepError(str(error)) from None
     if halving and full.steps % 2 ** halving:
         raise SweepError(f"--halving={halving} needs --steps divisible by {2 ** halving} (each round doubles the "
                          f"meta-steps up to --steps); got --steps={full.steps}")
-    if halving and full.outer_lr_schedule != "constant":
-        raise SweepError(f"--halving with --outer_lr_schedule={full.outer_lr_schedule}: the schedule spans --steps, "
-                         f"so a run cannot be continued to more steps; expected constant")
+    if halving and "schedule_steps" in train_options:
+        raise SweepError("--schedule_steps is set by --halving for each run (to --steps); leave it out")
     if train_options.get("eval_episodes") == 0:
         raise SweepError("--eval_episodes=0: the sweep picks beta by validation accuracy and needs validation")
     launcher = launcher or shlex.quote(sys.executable)
@@ -425,13 +425,14 @@ def sweep(*, algos="sign", grid=(), out: str = "runs/sweep", launcher: str = "",
         for _ in range(max_extensions + 2 + halving):  # the first round, the extensions, halving, and a last look
             accuracies[algo] = read_accuracies(algo_dir, rounds[0] if rounds else None)
             search = plan(grids[algo], {b: r["val_accuracy"] for b, r in accuracies[algo].items()}, max_extensions)
-            run_options = train_options | ({"steps": rounds[0]} if rounds else {})
+            # every round trains part of the full run: its schedules span --steps (TrainConfig.schedule_steps)
+            run_options = train_options | ({"steps": rounds[0], "schedule_steps": full.steps} if rounds else {})
             if rounds and not search["pending"]:
                 by_round = [{b: r["val_accuracy"] for b, r in read_accuracies(algo_dir, steps).items()}
                             for steps in rounds]
                 search = halve(search, by_round, rounds)
                 accuracies[algo] = read_accuracies(algo_dir)  # the summary shows each run as far as it went
-                run_options = train_options | {"steps": search.get("steps", full.steps)}
+                run_options = train_options | {"steps": search.get("steps", full.steps), "schedule_steps": full.steps}
                 if search["pending"]:
                     tqdm.write(f"{algo}: successive halving, beta {', '.join(f'{b:g}' for b in search['pending'])} "
                                f"on to {run_options['steps']} meta-steps (round {len(search['rounds']) - 1} of "

@@ -68,7 +68,7 @@ def meta_train(config: TrainConfig, engine, threads: tuple[int, str, list[int] |
                     "world_size": engine.world_size, "torch_threads": threads[0], "torch_threads_from": threads[1],
                     "cpu_cores": threads[2] or "unpinned"}
         optimizer = build_optimizer(config, learner)
-        outer_lr = OuterLRSchedule(optimizer, config.outer_lr_schedule, config.steps)  # a function of the step
+        outer_lr = OuterLRSchedule(optimizer, config.outer_lr_schedule, config.schedule_span)  # of the step
         learner, optimizer = engine.prepare(learner, optimizer, engine.tasks_per_rank(config.meta_batch))
         checkpointer.restore()
         manifest = record_config(engine, config, resolved, start)
@@ -96,7 +96,7 @@ def meta_train(config: TrainConfig, engine, threads: tuple[int, str, list[int] |
             outer_lr.apply(step)
             output = engine.meta_step(learner, optimizer, episodes, phase=phase, step=step,
                                       on_nonfinite=config.on_nonfinite, diagnostics=monitor.should_log(step),
-                                      progress=step / config.steps)
+                                      progress=step / config.schedule_span)
             profiler.end(step)
             monitor.record(step, episodes, output)
             if validator.should_validate(step):

@@ -13,7 +13,7 @@ from torch.func import functional_call
 from dist_signmaml.algorithms import MetaLearner, make_rule
 from dist_signmaml.algorithms.inner import multi_step_weights
 from dist_signmaml.algorithms.learner import LOG_STEP_SIZES, to_export_names, to_learner_names
-from dist_signmaml.config import TrainConfig
+from dist_signmaml.config import ConfigError, TrainConfig
 from dist_signmaml.optim import OuterLRSchedule, build_optimizer, outer_lr_factor
 from tests.test_algorithms import TASKS, tiny_problem
 
@@ -292,11 +292,36 @@ def test_sign_graph_memory_is_flat_in_inner_steps_up_to_one_direction_per_learne
 
 def test_a_run_with_a_cosine_schedule_cannot_be_resumed_at_another_length():
     """--steps may change on resume (a constant-rate run can be extended), but the cosine schedule spans --steps: a
-    4000-step run resumed at 8000 would jump from about 0 back to half the outer rate."""
+    4000-step run resumed at 8000 would jump from about 0 back to half the outer rate. A run trained as the first
+    part of a longer one (--schedule_steps) goes on to that length, and the error says how to keep the span."""
     saved = TrainConfig(steps=4000, outer_lr_schedule="cosine")
     assert TrainConfig(steps=4000, outer_lr_schedule="cosine").resume_differences(vars(saved)) == []
     assert TrainConfig(steps=8000, outer_lr_schedule="cosine").resume_differences(vars(saved)) == [
-        "--steps: 4000 -> 8000 (the cosine outer learning-rate schedule spans --steps; only a constant one can be "
-        "extended)"]
+        "--steps: 4000 -> 8000 (the cosine outer learning-rate schedule spans 4000 meta-steps, now 8000; give "
+        "--schedule_steps=4000 to keep it)"]
+    part = TrainConfig(steps=4000, schedule_steps=8000, outer_lr_schedule="cosine")
+    assert TrainConfig(steps=8000, outer_lr_schedule="cosine").resume_differences(vars(part)) == []
+    assert TrainConfig(steps=4000, outer_lr_schedule="cosine").resume_differences(vars(part)) == [
+        "--schedule_steps: 8000 -> 0 (the cosine outer learning-rate schedule spans 8000 meta-steps, now 4000; give "
+        "--schedule_steps=8000 to keep it)"]
     constant = TrainConfig(steps=4000)
     assert TrainConfig(steps=8000).resume_differences(vars(constant)) == []
+
+
+def test_a_multi_step_loss_run_changes_length_only_past_its_annealing():
+    """The multi-step loss anneals its weights over the first 10% of the span: a 1000-step run resumed at 20000
+    would go back from the final weights to half-annealed ones at step 1001; an 8000-step run resumed at 16000 is
+    past both windows, so the steps to come are those of the longer run (its first 8000 were not: see
+    docs/fidelity.md)."""
+    def msl(steps, **options):
+        return TrainConfig(steps=steps, multi_step_loss=True, inner_steps=5, **options)
+
+    assert msl(16000).resume_differences(vars(msl(8000)), step=8000) == []
+    assert msl(20000).resume_differences(vars(msl(1000)), step=1000) == [
+        "--steps: 1000 -> 20000 (the multi-step loss anneals its weights over the first 10% of 1000 meta-steps, now "
+        "of 20000, and step 1000 is inside that; give --schedule_steps=1000 to keep it)"]
+    assert msl(20000, schedule_steps=1000).resume_differences(vars(msl(1000)), step=1000) == []
+    assert msl(20000).resume_differences(vars(msl(1000, schedule_steps=20000)), step=1000) == []
+    with pytest.raises(ConfigError, match=r"--schedule_steps=500 is invalid: expected 0 \(= --steps\) or an "
+                                          r"integer >= --steps \(1000\)"):
+        msl(1000, schedule_steps=500).validate()

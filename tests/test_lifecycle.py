@@ -316,3 +316,33 @@ def test_one_tensorboard_run_without_duplicate_steps_after_a_resume(tmp_path, ti
     steps = [e.step for e in events.Scalars("train/loss")]
     assert steps == [1, 2, 3, 4, 5, 6], steps
     assert [e.step for e in events.Tensors("config/text_summary")] == [0, 3]  # one copy per session
+
+
+def test_a_run_given_the_longer_span_goes_on_exactly_as_the_longer_run_with_cosine_and_multi_step_loss(tmp_path,
+                                                                                                        tiny_data):
+    """--schedule_steps: a 10-step run trained as the first part of a 20-step one (the cosine rate and the multi-step
+    loss's annealing over 20 steps) resumed to 20 ends with the straight 20-step run's weights. Without it the
+    cosine run is refused, and a constant-rate multi-step-loss run, resumed past its annealing, is allowed but
+    trained its first steps with other loss weights, so its weights differ."""
+    def weights(out):
+        return load_file(out / "run" / "model.safetensors")
+
+    schedule = dict(outer_lr_schedule="cosine", multi_step_loss=True, inner_steps=2, ckpt_every=10)
+    run(tmp_path / "straight", tiny_data, steps=20, **schedule)
+    run(tmp_path / "parts", tiny_data, steps=10, schedule_steps=20, **schedule)
+    run(tmp_path / "parts", tiny_data, steps=20, resume=True, **schedule)
+    straight = weights(tmp_path / "straight")
+    assert all(torch.equal(straight[k], tensor) for k, tensor in weights(tmp_path / "parts").items())
+
+    run(tmp_path / "short", tiny_data, steps=10, **schedule)
+    with pytest.raises(ConfigError, match=r"--steps: 10 -> 20 \(the cosine outer learning-rate schedule spans 10 "
+                                          r"meta-steps, now 20; give --schedule_steps=10 to keep it\)"):
+        run(tmp_path / "short", tiny_data, steps=20, resume=True, **schedule)
+
+    constant = schedule | {"outer_lr_schedule": "constant"}
+    run(tmp_path / "constant", tiny_data, steps=20, **constant)
+    run(tmp_path / "extended", tiny_data, steps=10, **constant)
+    run(tmp_path / "extended", tiny_data, steps=20, resume=True, **constant)  # step 11 is past both annealings
+    extended, longer = weights(tmp_path / "extended"), weights(tmp_path / "constant")
+    assert not all(torch.equal(longer[k], tensor) for k, tensor in extended.items()), \
+        "steps 1-2 weighted the query losses otherwise (annealed over 1 step, not 2)"

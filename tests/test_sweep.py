@@ -1,5 +1,6 @@
 """The Appendix-A beta search: its extension rule on known accuracy curves, the SLURM array it writes, runs at once
-on disjoint shares of the machine, and a real two-run sweep with its CSV / JSON / Markdown summary."""
+on disjoint shares of the machine, a real two-run sweep with its CSV / JSON / Markdown summary, and successive
+halving after the search."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from dist_signmaml.artifacts import RESULTS_JSON
+from dist_signmaml.artifacts import FINAL_WEIGHTS, RESULTS_JSON
 from dist_signmaml.sweep import (PAPER_GRIDS, SweepError, allowed_cpus, best_validation, halve, halving_steps, main,
-                                  placements, plan, run_grid, sweep)
+                                  placements, plan, run_grid, sweep, train_command)
 
 
 def search(grid, accuracy_of, max_extensions=5):
@@ -227,7 +230,7 @@ def test_a_real_two_run_sweep_and_its_summary(tmp_path, omniglot_root, subproces
     ({"jobs": 10**6}, "--jobs=1000000 is more than the"),
     ({"halving": -1}, "--halving=-1 is invalid: expected an integer >= 0"),
     ({"halving": 2, "steps": 10}, "--halving=2 needs --steps divisible by 4"),
-    ({"halving": 1, "steps": 10, "outer_lr_schedule": "cosine"}, "the schedule spans --steps"),
+    ({"halving": 1, "steps": 10, "schedule_steps": 20}, "--schedule_steps is set by --halving"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, options, fragment):
     with pytest.raises(SystemExit) as stopped:
@@ -276,7 +279,7 @@ HALVING_TRAIN = textwrap.dedent("""
     import json, pathlib, sys
     options = dict(arg[2:].split("=", 1) for arg in sys.argv if arg.startswith("--") and "=" in arg)
     out, beta, steps = pathlib.Path(options["out"]), float(options["inner_lr"]), int(options["steps"])
-    assert "--resume" in sys.argv
+    assert "--resume" in sys.argv and options["schedule_steps"] == "8", "every round trains part of the 8-step run"
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     start, history = results.get("steps", 0), results.get("val_history", [])
     base = {0.002: 0.58, 0.004: 0.66, 0.008: 0.70, 0.016: 0.63}[beta]
@@ -323,7 +326,7 @@ def test_halving_with_the_real_trainer_continues_the_winner_from_its_checkpoint(
     for key, value in subprocess_env.items():
         monkeypatch.setenv(key, value)  # runs inherit one BLAS thread each
     options = dict(steps=4, queries=1, meta_batch=2, hidden=16, eval_every=0, eval_episodes=2, test_episodes=0,
-                   test_inner_steps=2, data=str(omniglot_root))
+                   test_inner_steps=2, data=str(omniglot_root), outer_lr_schedule="cosine")
     searches = sweep(algos="sign", grid="0.004,0.006", max_extensions=0, halving=1, out=str(tmp_path), **options)
     best = searches["sign"]["best"]
     other = ({0.004, 0.006} - {best}).pop()
@@ -335,6 +338,12 @@ def test_halving_with_the_real_trainer_continues_the_winner_from_its_checkpoint(
     at_two = {b: json.loads((tmp_path / "sign" / f"beta_{b:g}" / "results.json").read_text())["val_history"][0]
               for b in (0.004, 0.006)}
     assert best == max((0.004, 0.006), key=lambda b: (at_two[b]["accuracy"], -b)), "ranked at 2 meta-steps"
+    # the winner's run, in two rounds, is the run a straight start at 4 steps trains (its cosine rate spans 4)
+    straight = tmp_path / "straight"
+    subprocess.run(train_command(sys.executable, options, "sign") + [f"--inner_lr={best:g}", f"--out={straight}"],
+                   check=True, capture_output=True)
+    a, b = load_file(straight / FINAL_WEIGHTS), load_file(tmp_path / "sign" / f"beta_{best:g}" / FINAL_WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_halving_under_slurm_writes_one_array_per_round(tmp_path, omniglot_root):

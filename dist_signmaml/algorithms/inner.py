@@ -74,17 +74,26 @@ def adapt(model: nn.Module, params: Params, support_x: torch.Tensor, support_y: 
     return {**shared, **adapting}
 
 
-def multi_step_weights(steps: int, progress: float, anneal_fraction: float = 0.1) -> list[float]:
+MULTI_STEP_ANNEAL_FRACTION = 0.1  # MAML++ anneals over its first 10 of 100 epochs
+
+
+def multi_step_anneal(progress: float, anneal_fraction: float = MULTI_STEP_ANNEAL_FRACTION) -> float:
+    """How far the multi-step loss's weights have moved to the last step, 0 to 1, at `progress` (step / the
+    meta-steps the schedule spans)."""
+    return min(max(progress, 0.0) / anneal_fraction, 1.0)
+
+
+def multi_step_weights(steps: int, progress: float, anneal_fraction: float = MULTI_STEP_ANNEAL_FRACTION) -> list[float]:
     """Weights of the query loss after each inner step, MAML++'s multi-step loss (Antoniou et al. 2019, §4).
 
-    Training starts with every step weighted 1/m and, over the first `anneal_fraction` of training (MAML++ anneals
-    over its first 10 of 100 epochs), moves the weight to the last step: the non-final weights decay linearly to a
-    floor of 0.03/m, the final weight takes what they lose. The weights always sum to 1, so the loss stays on the
-    scale of a single query loss, and m = 1 is the plain loss.
+    Training starts with every step weighted 1/m and, over the first `anneal_fraction` of training, moves the weight
+    to the last step: the non-final weights decay linearly to a floor of 0.03/m, the final weight takes what they
+    lose. The weights always sum to 1, so the loss stays on the scale of a single query loss, and m = 1 is the plain
+    loss.
     """
     if steps == 1:
         return [1.0]
-    anneal = min(max(progress, 0.0) / anneal_fraction, 1.0)
+    anneal = multi_step_anneal(progress, anneal_fraction)
     floor = 0.03 / steps
     early = max((1.0 - anneal) / steps, floor)
     return [early] * (steps - 1) + [1.0 - (steps - 1) * early]
