@@ -8,7 +8,9 @@
 For every setting (N-way K-shot) and method the pipeline is
   1. beta: a small grid of runs around the method's default, each lasting 25% of the final run (sign learns
      fastest early, so a short grid measures the wrong thing), picked by validation accuracy, with the paper's
-     Appendix A rule (best at an edge -> two more values past it) through dist_signmaml.sweep;
+     Appendix A rule (best at an edge -> two more values past it) through dist_signmaml.sweep; or, with
+     --halving R, the search at 1/2^R of the budget and R rounds of successive halving whose last survivor, trained
+     to the full budget, is the final run (stage 2 then trains nothing);
   2. train: the full budget with that beta, the same seed (initialisation and episode stream) for every method,
      the best weights by validation kept;
   3. test: bench.protocol chooses the test protocol per method on validation (inner steps from {1,2,3,5,10,20} x
@@ -33,6 +35,8 @@ Options (any other --flag is a training option passed to every run, e.g. --backb
     --grid_scales       the grid is the method's default beta times these (default 0.5,1,2)
     --grid_jobs         grid runs at once, each on its own share of this process's CPUs and GPUs (default 1; the
                         sweep's --jobs)
+    --halving           rounds of successive halving instead of grid runs of --grid_steps (default 0: none; the
+                        sweep's --halving): the search runs at --steps / 2^R, the better half goes on each round
     --queries           query images per class while training and validating (default 1, as in the paper's code)
     --test_queries      query images per class of the test episodes (default: --queries; the query set is also a
                         BatchNorm batch, so testing with another size than trained shifts the statistics: measured
@@ -52,17 +56,19 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import fire
 
+from dist_signmaml.artifacts import CHECKPOINT_DIR
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR, REPO_ROOT, ConfigError, TrainConfig
 from dist_signmaml.artifacts import RESULTS_JSON
 from dist_signmaml.metatest import EVALUATION_SEED
 from bench.protocol import PAPER_CELL, PROTOCOL_JSON
-from dist_signmaml.sweep import SweepError
+from dist_signmaml.sweep import SweepError, run_name
 from dist_signmaml.sweep import as_list as parse_list
 
 PRESETS = {
@@ -120,18 +126,44 @@ def run_logged(command: list[str], log: Path, env: dict, what: str) -> None:
         raise ReproduceError(f"{what} failed (exit {finished.returncode}); see {log}")
 
 
+def validation_every(steps: int, evals: int) -> int:
+    """The validation (and checkpoint) cadence of a final run of `steps` validated `evals` times."""
+    return max(1, steps // max(1, evals))
+
+
 def choose_beta(setting_dir: Path, algo: str, grid: list[float], grid_steps: int, common: dict, launcher: str,
-                env: dict, jobs: int = 1) -> float:
+                env: dict, jobs: int = 1, halving: int = 0, final_steps: int = 0, evals: int = 0) -> float:
     """Stage 1: the sweep (resumable: it skips grid runs that finished) -> the best beta by validation accuracy.
-    `jobs`: grid runs at once, each on its own share of the CPUs (and GPUs) this process may use."""
+    `jobs`: grid runs at once, each on its own share of the CPUs (and GPUs) this process may use. `halving`: rounds
+    of successive halving, whose runs validate like the final run of `final_steps` (`evals` times) and whose winner
+    is that final run (`adopt_winner`)."""
     sweep_dir = setting_dir / f"beta_{algo}"
+    if halving:
+        every = validation_every(final_steps, evals)
+        budget = [f"--steps={final_steps}", f"--halving={halving}", f"--eval_every={every}", f"--ckpt_every={every}"]
+    else:
+        budget = [f"--steps={grid_steps}", f"--eval_every={grid_steps}"]
     command = [sys.executable, "-m", "dist_signmaml.sweep", f"--algos={algo}", f"--grid={','.join(map(str, grid))}",
-               f"--out={sweep_dir}", f"--launcher={launcher}", "--max_extensions=2", f"--steps={grid_steps}",
-               f"--eval_every={grid_steps}", "--test_episodes=0"] + [f"--{k}={v}" for k, v in sorted(common.items())]
+               f"--out={sweep_dir}", f"--launcher={launcher}", "--max_extensions=2", *budget,
+               "--test_episodes=0"] + [f"--{k}={v}" for k, v in sorted(common.items())]
     command += [f"--jobs={jobs}"] if jobs > 1 else []
     run_logged(command, sweep_dir / "sweep.log", env, f"beta grid of {algo} in {sweep_dir}")
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     return float(summary["best"][algo])
+
+
+def adopt_winner(setting_dir: Path, algo: str, beta: float) -> None:
+    """Stage 2 after successive halving: the winner's sweep run is the full run; its files (less the checkpoints,
+    which stay with the sweep run) become OUT/<setting>/<algo>, by a rename of a finished copy, so that an
+    interrupted copy is never taken for a run."""
+    run_dir, winner = setting_dir / algo, setting_dir / f"beta_{algo}" / algo / run_name(beta)
+    if (run_dir / RESULTS_JSON).is_file():
+        return
+    copy = setting_dir / f".{algo}.copy"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(winner, copy, ignore=shutil.ignore_patterns(CHECKPOINT_DIR))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    copy.rename(run_dir)
 
 
 def train_final(run_dir: Path, algo: str, beta: float, steps: int, evals: int, common: dict, launcher: str,
@@ -139,7 +171,7 @@ def train_final(run_dir: Path, algo: str, beta: float, steps: int, evals: int, c
     """Stage 2: the full run; resumed from its newest checkpoint when a previous attempt was interrupted."""
     if (run_dir / RESULTS_JSON).is_file():
         return
-    every = max(1, steps // max(1, evals))
+    every = validation_every(steps, evals)
     command = shlex.split(launcher) + ["-m", "dist_signmaml.train", f"--algo={algo}", f"--inner_lr={beta}",
                                        f"--steps={steps}", f"--eval_every={every}", f"--ckpt_every={every}",
                                        "--test_episodes=0", "--resume=True", f"--out={run_dir}"]
@@ -177,11 +209,15 @@ def run_row(setting_dir: Path, algo: str) -> dict | None:
     sweep_file = setting_dir / f"beta_{algo}" / "sweep.json"
     sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {"runs": []}
     grid = sorted(r["beta"] for r in sweep["runs"])
+    rounds = sweep.get("halving", {}).get(algo)  # successive halving: the search ran at the first round's steps
     timing = results["seconds_per_meta_iteration"]
     config = results["config"]
     return {"setting": setting_dir.name, "ways": config["ways"], "shots": config["shots"], "algo": algo,
             "beta": config["inner_lr"], "beta_grid": grid, "steps": config["steps"], "meta_batch": config["meta_batch"],
-            "grid_steps": max((r.get("val_step") or 0 for r in sweep["runs"]), default=0) or None,  # each validated once, at its end
+            # grid runs validated once, at their end
+            "grid_steps": rounds[0]["steps"] if rounds else max((r.get("val_step") or 0 for r in sweep["runs"]),
+                                                                default=0) or None,
+            **({"halving": rounds} if rounds else {}),
             "train_queries": config["queries"], "train_inner_steps": config["inner_steps"], "test_queries": protocol["queries"],
             "best_val_accuracy": results["best_val"]["accuracy"], "best_val_step": results["best_val"]["step"],
             "test_accuracy": chosen["accuracy"], "test_ci95": chosen["ci95"], "test_inner_steps": chosen["inner_steps"],
@@ -260,6 +296,9 @@ def markdown_table(rows: list[dict]) -> str:
     if rows:
         r = rows[0]
         grid = f"{r['grid_steps']} meta-steps each" if r.get("grid_steps") else "see each sweep"
+        if r.get("halving"):
+            grid = (f"{r['grid_steps']} meta-steps each, then successive halving: the better half of each round went "
+                    f"on to twice the steps, and the last survivor is the final run")
         lines.append(f"\nTest: {r['test_episodes']} fixed episodes (seed {EVALUATION_SEED}), {r['test_queries']} query "
                      f"image(s) per class, best-by-validation weights; the protocol (inner steps × test-time β "
                      f"scale) chosen per method on {r['val_episodes']} validation episodes, the paper's is "
@@ -340,6 +379,7 @@ def plot_sign_vs_fo(rows: list[dict], path: Path) -> None:
 
 def reproduce(preset: str, *, out: str = "", data: str = "", algos="sign,fo,maml", settings="", ways="2,5,7,10",
               shots="1,2,3,4,5", steps="", grid_steps: int = 0, grid_scales=GRID_SCALES, grid_jobs: int = 1,
+              halving: int = 0,
               queries: int = 1, test_queries: int = 0, test_episodes: int = 1000, val_episodes: int = 300,
               test_inner_steps: int = 10, eval_episodes: int = 100,
               evals: int = 5, threads: int = 1, launcher: str = "", seed: int = 0, **train_options) -> list[dict]:
@@ -380,6 +420,12 @@ def reproduce(preset: str, *, out: str = "", data: str = "", algos="sign,fo,maml
                         ("grid_jobs", grid_jobs)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ReproduceError(f"--{flag}={value!r} is invalid: expected a positive integer")
+    if not isinstance(halving, int) or isinstance(halving, bool) or halving < 0:
+        raise ReproduceError(f"--halving={halving!r} is invalid: expected an integer >= 0 (rounds of successive "
+                             f"halving; 0 = grid runs of --grid_steps)")
+    if halving and grid_steps:
+        raise ReproduceError(f"--grid_steps={grid_steps} with --halving={halving}: halving's search runs at --steps / "
+                             f"2^{halving}; give one of them")
     if grid_steps and (not isinstance(grid_steps, int) or isinstance(grid_steps, bool) or grid_steps < 1):
         raise ReproduceError(f"--grid_steps={grid_steps!r} is invalid: expected a positive integer (default: "
                              f"{GRID_FRACTION:.0%} of the final run's steps)")
@@ -399,9 +445,15 @@ def reproduce(preset: str, *, out: str = "", data: str = "", algos="sign,fo,maml
         setting_dir = out_dir / setting_name(w, s)
         for algo in methods:
             beta = choose_beta(setting_dir, algo, grid_for(algo, scales), grid_steps or grid_steps_for(final_steps),
-                               common, launcher, env, grid_jobs)
-            print(f"{setting_name(w, s)} {algo}: beta {beta:g} by validation; training {final_steps} steps", flush=True)
-            train_final(setting_dir / algo, algo, beta, final_steps, evals, common, launcher, env)
+                               common, launcher, env, grid_jobs, halving, final_steps, evals)
+            if halving:
+                print(f"{setting_name(w, s)} {algo}: beta {beta:g} by successive halving, its run trained to "
+                      f"{final_steps} steps", flush=True)
+                adopt_winner(setting_dir, algo, beta)
+            else:
+                print(f"{setting_name(w, s)} {algo}: beta {beta:g} by validation; training {final_steps} steps",
+                      flush=True)
+                train_final(setting_dir / algo, algo, beta, final_steps, evals, common, launcher, env)
             result = test_final(setting_dir / algo, val_episodes, test_episodes, test_queries, env, data)
             chosen, paper = result["test_chosen"], result["test_paper"]
             print(f"{setting_name(w, s)} {algo}: test {100 * chosen['accuracy']:.2f} ± {100 * chosen['ci95']:.2f}% "

@@ -38,6 +38,8 @@ def test_parse_setting_and_grid():
     ({"preset": "omniglot", "val_episodes": 0}, "--val_episodes=0 is invalid"),
     ({"preset": "omniglot", "grid_steps": -5}, r"--grid_steps=-5 is invalid: expected a positive integer \(default: 25%"),
     ({"preset": "omniglot", "grid_jobs": 0}, "--grid_jobs=0 is invalid: expected a positive integer"),
+    ({"preset": "omniglot", "halving": -1}, r"--halving=-1 is invalid: expected an integer >= 0"),
+    ({"preset": "omniglot", "halving": 2, "grid_steps": 100}, r"--grid_steps=100 with --halving=2: .* give one of them"),
     ({"preset": "omniglot", "inner_lr": 0.1}, "--inner_lr is set by the harness"),
     ({"preset": "omniglot", "settings": "5w1s", "backbone": "vgg"}, "--backbone='vgg' is invalid"),
 ])
@@ -60,6 +62,11 @@ def test_the_grid_runs_jobs_at_once_only_when_asked(tmp_path, monkeypatch):
     assert reproduce.choose_beta(tmp_path, "sign", [0.0025, 0.005], 10, {"ways": 5}, "python", {}) == 0.005
     assert "--jobs=2" in commands[0] and "--ways=5" in commands[0]
     assert not any(word.startswith("--jobs") for word in commands[1]), "one at a time: the sweep's default"
+    assert {"--steps=10", "--eval_every=10"} <= set(commands[1]) and "--halving" not in " ".join(commands[1])
+    # successive halving: the sweep gets the final run's budget and cadence, not the grid's
+    reproduce.choose_beta(tmp_path, "sign", [0.0025, 0.005], 10, {"ways": 5}, "python", {}, 1, 2, 400, 5)
+    assert {"--steps=400", "--halving=2", "--eval_every=80", "--ckpt_every=80"} <= set(commands[2])
+    assert "--steps=10" not in commands[2]
 
 
 def test_images_preset_names_a_directory_without_shards(tmp_path):
@@ -249,3 +256,28 @@ def test_the_cost_table_header_says_which_files_were_measured_on_an_idle_machine
             "shared.json;") in text
     assert "- idle.json: [1.0, 1.0, 1.0] -> [1.1, 1.0, 1.0] on 2 cores, pinned to [0]; busy: nothing else" in text
     assert "- shared.json: [1.0, 1.0, 1.0] -> [1.2, 1.0, 1.0] on 2 cores, pinned to [0]; busy: python (core 1" in text
+
+
+def test_with_halving_the_last_survivor_is_the_final_run(tmp_path, omniglot_root, subprocess_env, monkeypatch):
+    """Omniglot 5w1s end to end with --halving 1: the search at 2 of 4 meta-steps, the winner on to 4, and that run
+    (not a separate one) tested and tabled; a re-run redoes nothing."""
+    for key, value in subprocess_env.items():
+        monkeypatch.setenv(key, value)
+    options = dict(out=str(tmp_path / "out"), settings="5w1s", algos="sign", steps="4", halving=1, grid_scales="1,2",
+                   test_episodes=4, val_episodes=2, eval_episodes=2, evals=1, hidden=8)
+    [row] = reproduce.reproduce("omniglot", **options)
+    setting = tmp_path / "out" / "5w1s"
+    sweep = json.loads((setting / "beta_sign" / "sweep.json").read_text())
+    assert row["beta"] == sweep["best"]["sign"] and row["steps"] == 4
+    assert row["grid_steps"] == 2 and row["halving"] == sweep["halving"]["sign"]
+    first, last = row["halving"]
+    assert first["steps"] == 2 and last["steps"] == 4 and len(last["betas"]) == len(first["betas"]) // 2
+    assert row["beta"] in last["betas"], "the best of the runs trained to the full budget"
+    final = json.loads((setting / "sign" / "results.json").read_text())
+    winner = json.loads((setting / "beta_sign" / "sign" / f"beta_{row['beta']:g}" / "results.json").read_text())
+    assert final == winner and final["steps"] == 4, "the final run is the winner's sweep run"
+    assert not (setting / "sign" / "checkpoints").exists() and not list(setting.glob(".*"))
+    assert "then successive halving" in (tmp_path / "out" / "reproduce.md").read_text()
+    stamp = (setting / "sign" / "protocol.json").stat().st_mtime_ns
+    reproduce.reproduce("omniglot", **options)
+    assert (setting / "sign" / "protocol.json").stat().st_mtime_ns == stamp
