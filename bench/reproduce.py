@@ -63,9 +63,8 @@ from pathlib import Path
 
 import fire
 
-from dist_signmaml.artifacts import CHECKPOINT_DIR
+from dist_signmaml.artifacts import CHECKPOINT_DIR, RESULTS_JSON
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR, REPO_ROOT, ConfigError, TrainConfig
-from dist_signmaml.artifacts import RESULTS_JSON
 from dist_signmaml.metatest import EVALUATION_SEED
 from bench.protocol import PAPER_CELL, PROTOCOL_JSON
 from dist_signmaml.sweep import SweepError, run_name
