@@ -7,7 +7,8 @@ Each argument is a run directory (with results.json) or a sweep directory (with 
     accuracy_vs_step.png     validation accuracy (± 95% CI band) against meta-step for every run, with the
                              meta-training accuracy after adaptation (TensorBoard events) dashed
     time_per_iteration.png   seconds per meta-iteration, mean ± std, one bar per run (the paper's Table 1 lower row)
-    sweep.png                validation accuracy against beta per method, best marked (paper Appendix A)
+    sweep.png                validation accuracy against beta per method, best marked (paper Appendix A); after
+                             successive halving, one curve per round
 """
 
 from __future__ import annotations
@@ -108,26 +109,44 @@ def plot_time_per_iteration(runs: list[dict], path: Path) -> Path:
     return save(figure, path)
 
 
+def sweep_curves(sweep: dict, algo: str) -> list[dict]:
+    """The curves of one method's sweep, each {label, beta, val_accuracy (%), ci95 (%) or None, best: the best
+    beta on it or None}. A plain sweep is one curve. Under successive halving the runs end at different meta-steps,
+    so one curve per round, each run as it stood at that round's meta-steps, is what compares like with like."""
+    rows = sorted((r for r in sweep["runs"] if r["algo"] == algo), key=lambda r: r["beta"])
+    best = next((r["beta"] for r in rows if r["best"]), None)
+    rounds = sweep.get("halving", {}).get(algo)
+    if not rounds:
+        return [{"label": "", "beta": [r["beta"] for r in rows], "val_accuracy": [100 * r["val_accuracy"] for r in rows],
+                 "ci95": [100 * r["val_ci95"] for r in rows], "best": best}] if rows else []
+    curves = []
+    for index, round_ in enumerate(rounds):
+        trained = [(b, a) for b, a in zip(round_["betas"], round_["val_accuracy"]) if a is not None]
+        curves.append({"label": f"{round_['steps']} meta-steps", "beta": [b for b, _ in trained],
+                       "val_accuracy": [100 * a for _, a in trained], "ci95": None,
+                       "best": best if index == len(rounds) - 1 else None})
+    return curves
+
+
 def plot_sweeps(sweeps: list[dict], path: Path) -> Path:
     methods = sorted({row["algo"] for sweep in sweeps for row in sweep["runs"]})
     figure, all_axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 4), squeeze=False)
     for axes, algo in zip(all_axes[0], methods):
-        for index, sweep in enumerate(sweeps):
-            rows = sorted((r for r in sweep["runs"] if r["algo"] == algo), key=lambda r: r["beta"])
-            if not rows:
-                continue
-            betas = [r["beta"] for r in rows]
-            axes.errorbar(betas, [100 * r["val_accuracy"] for r in rows], yerr=[100 * r["val_ci95"] for r in rows],
-                          fmt="o-", capsize=4, color=f"C{index % 10}",
-                          label=Path(sweep["dir"]).name if len(sweeps) > 1 else None)
-            for r in rows:
-                if r["best"]:
-                    axes.plot([r["beta"]], [100 * r["val_accuracy"]], "*", markersize=16, color="gold",
-                              markeredgecolor="black", zorder=5)
+        color = 0
+        for sweep in sweeps:
+            name = Path(sweep["dir"]).name if len(sweeps) > 1 else ""
+            for curve in sweep_curves(sweep, algo):
+                label = " ".join(part for part in (name, curve["label"]) if part) or None
+                axes.errorbar(curve["beta"], curve["val_accuracy"], yerr=curve["ci95"], fmt="o-", capsize=4,
+                              color=f"C{color % 10}", label=label)
+                color += 1
+                if curve["best"] in curve["beta"]:
+                    axes.plot([curve["best"]], [curve["val_accuracy"][curve["beta"].index(curve["best"])]], "*",
+                              markersize=16, color="gold", markeredgecolor="black", zorder=5)
         axes.set_xscale("log")
         axes.set(xlabel="inner learning rate β", ylabel="val accuracy (%)", title=f"{algo}: β sweep (★ best)")
         axes.grid(alpha=0.3, which="both")
-        if len(sweeps) > 1:
+        if axes.get_legend_handles_labels()[1]:
             axes.legend(fontsize=8)
     return save(figure, path)
 

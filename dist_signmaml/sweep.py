@@ -139,14 +139,19 @@ def halve(search: dict, accuracies_by_round: list[dict[float, float]], steps_by_
     """Successive halving after the search `search` (plan's result, done or at an edge), a pure function like
     `plan`: round r keeps the better half (at least one) of round r-1's runs, ranked by their validation up to
     round r-1's steps (`accuracies_by_round[r - 1]`, beta -> accuracy), and trains them to `steps_by_round[r]`.
-    Returns `search` with "pending" (betas to train to "steps"), "rounds" (the betas of each round so far) and,
-    once the last round is trained, "best" (the best at the full budget)."""
-    survivors, rounds = list(search["tried"]), [{"steps": steps_by_round[0], "betas": list(search["tried"])}]
+    Returns `search` with "pending" (betas to train to "steps"), "rounds" (each round so far: its steps, betas and
+    their validation accuracies up to those steps, None until trained) and, once the last round is trained, "best"
+    (the best at the full budget)."""
+    def round_of(index: int, betas: list[float]) -> dict:
+        scores = accuracies_by_round[index]
+        return {"steps": steps_by_round[index], "betas": betas, "val_accuracy": [scores.get(beta) for beta in betas]}
+
+    survivors, rounds = list(search["tried"]), [round_of(0, list(search["tried"]))]
     for round_ in range(1, len(steps_by_round)):
         before = accuracies_by_round[round_ - 1]
         by_rank = sorted(survivors, key=lambda beta: (-ranked(before[beta]), beta))  # ties: the smaller beta
         survivors = sorted(by_rank[:max(1, len(survivors) // 2)])
-        rounds.append({"steps": steps_by_round[round_], "betas": survivors})
+        rounds.append(round_of(round_, survivors))
         pending = [beta for beta in survivors if beta not in accuracies_by_round[round_]]
         if pending:
             return search | {"pending": pending, "steps": steps_by_round[round_], "rounds": rounds, "best": None}

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import matplotlib.image
 import pytest
 import torch
 
 from dist_signmaml.config import TrainConfig
-from dist_signmaml.plot import load_inputs, main, plot
-from dist_signmaml.sweep import plan, summarize
+from dist_signmaml.plot import load_inputs, main, plot, sweep_curves
+from dist_signmaml.sweep import halve, plan, summarize
 from dist_signmaml.train import train
 
 
@@ -61,3 +63,28 @@ def test_cli_prints_the_paths_and_rejects_other_directories(runs, tmp_path, caps
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "neither results.json" in err and len(err.splitlines()) == 1
+
+
+def test_a_halving_sweep_is_drawn_one_curve_per_round(tmp_path):
+    """After successive halving the runs end at different meta-steps (the winner at the full budget), so one curve
+    of every run's final accuracy would set the winner far above runs it never met at equal steps."""
+    first = {0.004: 0.61, 0.006: 0.66, 0.008: 0.64, 0.01: 0.60}
+    search = halve(plan(list(first), first, 0), [first, {0.006: 0.70, 0.008: 0.72}, {0.008: 0.80}], [100, 200, 400])
+    latest = first | {0.006: 0.70, 0.008: 0.80}
+    found = {b: {"beta": b, "val_accuracy": a, "val_ci95": 0.02, "val_step": 100, "test_accuracy": None,
+                 "test_ci95": None, "seconds_per_meta_iteration": 0.05, "run": f"sign/beta_{b:g}"}
+             for b, a in latest.items()}
+    out = tmp_path / "sweep"
+    out.mkdir()
+    summarize(out, {"sign": search}, {"sign": found})
+    curves = sweep_curves(json.loads((out / "sweep.json").read_text()), "sign")
+    assert [(c["label"], c["beta"], c["best"]) for c in curves] == [
+        ("100 meta-steps", [0.004, 0.006, 0.008, 0.01], None), ("200 meta-steps", [0.006, 0.008], None),
+        ("400 meta-steps", [0.008], 0.008)]
+    assert [c["val_accuracy"] for c in curves] == [pytest.approx([61, 66, 64, 60]), pytest.approx([70, 72]),
+                                                   pytest.approx([80])]
+    [written] = plot(str(out), out=str(tmp_path / "figures"))
+    image = matplotlib.image.imread(written)
+    assert written.name == "sweep.png" and image.std() > 0.01
+    plain = sweep_curves(json.loads((sweep_dir(tmp_path / "plain") / "sweep.json").read_text()), "sign")
+    assert [(c["beta"], c["best"]) for c in plain] == [([0.004, 0.006, 0.008], 0.006)], "a plain sweep: one curve"

@@ -307,8 +307,12 @@ def test_halving_rounds_continue_the_better_half_to_the_full_budget(tmp_path, ca
     assert searches["sign"]["best"] == 0.004 and searches["sign"]["status"] == "done"
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert summary["best"] == {"sign": 0.004}
-    assert summary["halving"] == {"sign": [{"steps": 2, "betas": [0.002, 0.004, 0.008, 0.016]},
-                                           {"steps": 4, "betas": [0.004, 0.008]}, {"steps": 8, "betas": [0.004]}]}
+    assert [(r["steps"], r["betas"]) for r in summary["halving"]["sign"]] == [
+        (2, [0.002, 0.004, 0.008, 0.016]), (4, [0.004, 0.008]), (8, [0.004])]
+    assert [r["val_accuracy"] for r in summary["halving"]["sign"]] == [
+        pytest.approx([0.6, 0.73, 0.74, 0.65]), pytest.approx([0.8, 0.78]), pytest.approx([0.94])], \
+        "each round's runs as they stood at its meta-steps"
+    assert set(summary["halving"]) == {"sign"}
     assert {row["beta"]: row["steps"] for row in summary["runs"]} == {0.002: 2, 0.004: 8, 0.008: 4, 0.016: 2}
     table = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "| sign | **0.004** | 8 | **94.00 ± 1.00%** |" in table
