@@ -65,7 +65,7 @@ import fire
 
 from dist_signmaml.artifacts import CHECKPOINT_DIR, RESULTS_JSON
 from dist_signmaml.config import DEFAULT_DATA, DEFAULT_INNER_LR, REPO_ROOT, ConfigError, TrainConfig
-from dist_signmaml.metatest import EVALUATION_SEED
+from dist_signmaml.metatest import EVALUATION_SEED, selected_score
 from bench.protocol import PAPER_CELL, PROTOCOL_JSON
 from dist_signmaml.sweep import SweepError, run_name
 from dist_signmaml.sweep import as_list as parse_list
@@ -218,7 +218,9 @@ def run_row(setting_dir: Path, algo: str) -> dict | None:
                                                                 default=0) or None,
             **({"halving": rounds} if rounds else {}),
             "train_queries": config["queries"], "train_inner_steps": config["inner_steps"], "test_queries": protocol["queries"],
-            "best_val_accuracy": results["best_val"]["accuracy"], "best_val_step": results["best_val"]["step"],
+            # the score the run ranked its validations by (its best step count under --val_select any_steps)
+            "best_val_accuracy": selected_score(results["best_val"])["accuracy"],
+            "best_val_step": results["best_val"]["step"],
             "test_accuracy": chosen["accuracy"], "test_ci95": chosen["ci95"], "test_inner_steps": chosen["inner_steps"],
             "test_lr_scale": chosen["lr_scale"], "paper_protocol_accuracy": paper["accuracy"],
             "paper_protocol_ci95": paper["ci95"], "test_episodes": protocol["test_episodes"],

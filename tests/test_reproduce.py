@@ -124,6 +124,19 @@ def test_summary_table_comparisons_and_plots(tmp_path):
         assert (tmp_path / png).stat().st_size > 10_000, png
 
 
+def test_the_val_column_shows_the_score_the_run_ranked_by(tmp_path):
+    """Under --val_select any_steps a run keeps the weights of its best step count; the table showed the 10-step
+    score instead (75.10% for a run whose kept validation read 84.50% after 1 step)."""
+    fake_run(tmp_path / "20w1s", "sign", ways=20, shots=1, accuracy=0.751, seconds=0.18, beta=0.01, grid=[0.01])
+    results_file = tmp_path / "20w1s" / "sign" / "results.json"
+    results = json.loads(results_file.read_text())
+    results["best_val"]["best_steps"] = {"accuracy": 0.845, "ci95": 0.016, "inner_steps": 1}
+    results_file.write_text(json.dumps(results))
+    [row] = summarize(tmp_path)
+    assert row["best_val_accuracy"] == 0.845
+    assert "| 84.50% @ 100 |" in (tmp_path / "reproduce.md").read_text()
+
+
 def test_summary_command_rejects_a_missing_directory(tmp_path):
     finished = subprocess.run([sys.executable, "-m", "bench.reproduce", "summary", f"--out={tmp_path / 'nope'}"],
                               capture_output=True, text=True, cwd=REPO_ROOT)
