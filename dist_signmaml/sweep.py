@@ -11,8 +11,9 @@ better half of the runs (at least one), ranked by their best validation up to th
 continue them from their last checkpoint to twice the steps: the last round trains the survivors to --steps, so the
 winner's run is the full-budget run of the chosen beta. Every round trains with --schedule_steps = --steps, so the
 outer learning-rate schedule and the multi-step loss's annealing are those of the full run, and the winner's run is
-the very run one started at --steps would be. Five betas at R = 3 cost 5/8 + 2/8 + 1/4 + 1/2 = 1.625 full runs, where a grid at a quarter
-of the budget followed by a full run costs 2.25 (the search's extensions add runs at --steps / 2^R).
+the very run one started at --steps would be. Five betas at R = 3 cost 5/8 + 2/8 + 1/4 + 1/2 = 1.625 full runs,
+where a grid at a quarter of the budget followed by a full run costs 2.25 (the search's extensions add runs at
+--steps / 2^R).
 
     python -m dist_signmaml.sweep --algos sign,fo --steps 300 --out runs/sweep
     python -m dist_signmaml.sweep --algos sign --grid 0.003,0.005,0.008 --launcher "accelerate launch --num_processes 2"
